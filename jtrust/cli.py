@@ -1,0 +1,173 @@
+"""The `jtrust` command line: demo, info, convert, extract, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEMO_QUESTIONS = ("What is the capital of France?", "Name a primary colour.",
+                  "How many legs does a spider have?", "What is 12 plus 7?")
+
+
+def _layers(text: str | None):
+    if text in (None, "all"):
+        return None
+    return [int(x) for x in text.split(",")]
+
+
+def cmd_info(args) -> None:
+    from jtrust.loading import load
+    from jtrust.model import Series
+    model = load(args.model)
+    if isinstance(model, Series):
+        print(f"series {model.name}: {len(model)} checkpoints: {', '.join(model.names)}")
+        return
+    print(model.config.to_json())
+    print(f"name {model.name}  checkpoint_hash {model.checkpoint_hash}")
+
+
+def cmd_convert(args) -> None:
+    from jtrust.loading import convert
+    t = time.perf_counter()
+    dst = convert(args.src, args.dst)
+    print(f"wrote {dst} in {time.perf_counter() - t:.1f} s")
+
+
+def cmd_extract(args) -> None:
+    from jtrust.data import load_texts
+    from jtrust.extract import extract
+    from jtrust.loading import load
+    data = load_texts(args.data)
+    texts = data.texts[: args.limit] if args.limit else data.texts
+    model = load(args.model)
+    t = time.perf_counter()
+    acts = extract(model, texts, sites=tuple(args.sites.split(",")), layers=_layers(args.layers),
+                   pool=args.pool, batch_size=args.batch_size, out_dir=args.out,
+                   dataset_name=data.name)
+    dt = time.perf_counter() - t
+    print(f"extracted {len(texts)} texts from {model.name} in {dt:.1f} s -> {args.out}")
+    del acts
+
+
+def cmd_generate(args) -> None:
+    import jax
+    from jtrust.generate import Sampling, generate
+    from jtrust.loading import load
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from jtrust.data import load_texts
+        prompts += load_texts(args.prompts).texts
+    if not prompts:
+        raise SystemExit("jtrust generate: give --prompt TEXT (repeatable) or --prompts FILE")
+    model = load(args.model)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    t = time.perf_counter()
+    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                   sampling=sampling, chat=args.chat, n_samples=args.n)
+    dt = time.perf_counter() - t
+    for prompt, samples in zip(prompts, out.texts):
+        for s in samples:
+            print(json.dumps({"prompt": prompt, "output": s}, ensure_ascii=False))
+    print(f"# {int(out.lengths.sum())} new tokens in {dt:.1f} s", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    """Load the embedded model, extract every layer for a bundled set, answer a few questions."""
+    import jax
+    import numpy as np
+    from jtrust.data import load_texts
+    from jtrust.extract import extract
+    from jtrust.generate import Sampling, generate
+    from jtrust.loading import load
+
+    t0 = time.perf_counter()
+    model = load(args.model)
+    t_load = time.perf_counter() - t0
+    c = model.config
+    print(f"model {model.name}: {c.family}, {c.n_layers} layers, d_model {c.d_model}, "
+          f"vocab {c.vocab_size} (loaded in {t_load:.1f} s)")
+
+    data = load_texts(args.data)
+    texts = data.texts[: args.n]
+    t0 = time.perf_counter()
+    acts = extract(model, texts, sites=("resid_post",), pool="last", batch_size=16,
+                   out_dir=args.out)
+    t_extract = time.perf_counter() - t0
+    n_tokens = sum(len(model.tokenizer.encode(t)) for t in texts)
+    last = acts.get("resid_post", c.n_layers - 1)
+    print(f"extract: {len(texts)} '{data.name}' statements x {c.n_layers} layers of resid_post "
+          f"({n_tokens} tokens) in {t_extract:.1f} s incl. compile, {n_tokens / t_extract:.0f} tokens/s"
+          f" -> {args.out}")
+    labels = data.labels[: args.n]
+    gap = np.linalg.norm(last[labels == 1].mean(0) - last[labels == 0].mean(0))
+    print(f"  last-layer class-mean distance (label 1 vs 0): {gap:.2f}; "
+          f"activation norm {np.linalg.norm(last, axis=1).mean():.1f}")
+
+    t0 = time.perf_counter()
+    out = generate(model, list(DEMO_QUESTIONS), max_new_tokens=24, key=jax.random.key(0),
+                   sampling=Sampling(temperature=0.0), chat=True)
+    t_gen = time.perf_counter() - t0
+    for q, answers in zip(DEMO_QUESTIONS, out.texts):
+        print(f"  Q: {q}\n  A: {answers[0].strip()}")
+    print(f"generate: {len(DEMO_QUESTIONS)} chat answers, {int(out.lengths.sum())} tokens "
+          f"in {t_gen:.1f} s incl. compile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="the main job on the embedded model and a bundled dataset")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--data", default="toxicity")
+    s.add_argument("--n", type=int, default=256, help="statements to extract")
+    s.add_argument("--out", default="runs/demo/activations")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("info", help="print a checkpoint's config, or a series' members")
+    s.add_argument("--model", default="smollm2")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="write a checkpoint as a jtrust (orbax) directory")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("extract", help="activations of a dataset, streamed to disk (resumable)")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--data", required=True, help="a bundled dimension name or a .csv/.jsonl/.txt file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sites", default="resid_post", help="comma-separated: resid_pre,attn_out,mlp_out,resid_post")
+    s.add_argument("--layers", default="all", help="'all' or comma-separated block indices")
+    s.add_argument("--pool", default="last", choices=("last", "mean", "all"))
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    s.set_defaults(fn=cmd_extract)
+
+    s = sub.add_parser("generate", help="sample continuations (prints JSON lines)")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--prompt", action="append")
+    s.add_argument("--prompts", help="a .txt/.csv/.jsonl file of prompts")
+    s.add_argument("--chat", action="store_true", help="wrap prompts in the checkpoint's chat template")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--n", type=int, default=1, help="samples per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"jtrust {args.command}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Datasets jtrust ships (the five TracingLLM trust sets) and a loader for a user's own.
+
+`load_texts(name_or_path)` returns `LabelledTexts`: the bundled sets by dimension name
+(reliability, toxicity, privacy, fairness, robustness), checksum-verified; or a
+user's CSV / JSONL file with a `text` (or `statement`) column and an optional
+binary `label` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import pathlib
+from typing import NamedTuple
+
+import numpy as np
+
+BUNDLED = pathlib.Path(__file__).parent
+
+# dimension -> (file, what label 1 means, what label 0 means)
+TRUST_DATASETS = {
+    "reliability": ("tracingllm/truthfulqa_train.csv", "true answer", "false answer"),
+    "toxicity": ("tracingllm/toxigen.csv", "toxic", "benign"),
+    "privacy": ("tracingllm/confaide.csv", "privacy-violating", "acceptable"),
+    "fairness": ("tracingllm/stereoset.csv", "anti-stereotype (related)", "unrelated"),
+    "robustness": ("tracingllm/sst2.csv", "perturbed", "clean"),
+}
+_TEXT_COLUMNS = ("text", "statement", "prompt", "question", "Question")
+
+
+class LabelledTexts(NamedTuple):
+    name: str
+    texts: list[str]
+    labels: np.ndarray | None  # [n] int32 in {0, 1}, or None for unlabelled text
+    sha256: str  # of the source file's bytes
+
+
+def load_texts(name_or_path: str, require_labels: bool = False) -> LabelledTexts:
+    """A bundled trust set by dimension name, or a user's .csv / .jsonl / .txt file."""
+    if name_or_path in TRUST_DATASETS:
+        path = BUNDLED / TRUST_DATASETS[name_or_path][0]
+        digest = _verified_sha256(path)
+        name = name_or_path
+    else:
+        path = pathlib.Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no dataset at {path}: pass one of {sorted(TRUST_DATASETS)} or "
+                                    "a .csv/.jsonl file with a 'text' column (and 'label' 0/1)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        name = path.stem
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: the file holds no rows")
+    text_col = next((c for c in _TEXT_COLUMNS if c in rows[0]), None)
+    if text_col is None:
+        raise ValueError(f"{path}: no text column; expected one of {_TEXT_COLUMNS}, found "
+                         f"{sorted(rows[0])}")
+    texts = [_clean(str(r[text_col])) for r in rows]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"{path}: {len(empty)} empty texts, first at row {empty[0]}")
+    labels = None
+    if "label" in rows[0]:
+        labels = _binary_labels([r.get("label") for r in rows], path)
+    elif require_labels:
+        raise ValueError(f"{path}: no 'label' column; probing needs binary labels 0/1")
+    return LabelledTexts(name, texts, labels, digest)
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix in (".jsonl", ".json"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON lines ({e})") from e
+    if path.suffix == ".txt":
+        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl or .txt")
+
+
+def _binary_labels(values, path) -> np.ndarray:
+    try:
+        labels = np.array([int(float(v)) for v in values], np.int32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: labels must be 0 or 1 ({e})") from e
+    found = set(np.unique(labels).tolist())
+    if not found <= {0, 1}:
+        raise ValueError(f"{path}: labels must be binary 0/1, found {sorted(found)}")
+    if len(found) < 2:
+        raise ValueError(f"{path}: every label is {found.pop()}; a probe needs both classes")
+    return labels
+
+
+def _clean(text: str) -> str:
+    return text.replace("_x000D_", "").strip()  # spreadsheet carriage-return leftovers in toxigen
+
+
+def _verified_sha256(path: pathlib.Path) -> str:
+    expected = dict(reversed(line.split()) for line in (path.parent / "SHA256SUMS").read_text().splitlines())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected.get(path.name) != digest:
+        raise ValueError(f"{path}: checksum mismatch (the bundled file is damaged); reinstall jtrust")
+    return digest

