@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,7 @@ def raw(smollm2_gguf):
 @pytest.fixture(scope="module")
 def model(raw):
     config = config_from_hf(raw.hf_config)
-    return config, hf_to_params(raw.tensors, config)
+    return config, jax.device_put(hf_to_params(raw.tensors, config))  # once, not on every call
 
 
 @pytest.fixture(scope="module")

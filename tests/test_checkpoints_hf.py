@@ -16,10 +16,6 @@ from jtrust.models.config import config_from_hf
 from jtrust.models.convert import hf_to_params
 
 LENGTHS = (8, 5, 3)  # real tokens per row of the padded batches
-# transformers 5 writes rope_theta inside "rope_parameters", which config_from_hf does not read yet
-ROPE_PARAMETERS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "config_from_hf ignores config.json's rope_parameters.rope_theta (1e5 here) and uses 1e4; "
-    "fix belongs in jtrust/models/config.py"))
 
 
 def jtrust_logits(raw, tokens, mask):
@@ -44,8 +40,7 @@ def padded(rows, side, T):
     return tokens, mask
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=ROPE_PARAMETERS_BUG) if f == "llama_tied" else f for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_torch(tiny_checkpoints, family):
     path, model = tiny_checkpoints[family]
     raw = read_hf_dir(path)

@@ -62,6 +62,7 @@ class ModelConfig:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Translate a Hugging Face `config.json` dict into a `ModelConfig`."""
     model_type = hf.get("model_type")
+    hf = _flatten_rope(hf)
     archs = hf.get("architectures") or []
     ids = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
                pad_token_id=hf.get("pad_token_id"))
@@ -111,6 +112,19 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     raise ValueError(
         f"unsupported architecture model_type={model_type!r} architectures={archs}; "
         "jtrust supports llama-like (llama, mistral, qwen2), gpt_neox and gpt2")
+
+
+def _flatten_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 nests rope settings in `rope_parameters`; read them as top-level keys."""
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type={rope['rope_type']!r} is not supported yet (only 'default')")
+    out = dict(hf)
+    if "rope_theta" in rope:
+        out["rope_theta"] = out["rotary_emb_base"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        out["rotary_pct"] = rope["partial_rotary_factor"]
+    return out
 
 
 def _gelu_kind(act: str) -> str:
