@@ -193,18 +193,12 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
             continue
         parts = {site: [] for site in sites}
         for start, stop, length in chunk["batches"]:
-            ids = order[start:stop]
-            rows = [encoded[i] for i in ids]
-            rows += [rows[-1]] * (batch_size - len(rows))  # keeps the batch shape fixed; dropped below
-            tokens, mask = pad(rows, model.tokenizer.pad_id, length)
-            result = forward_jit(params, jax.device_put(tokens, rows_sharding),
-                                 jax.device_put(mask, rows_sharding), config=model.config,
-                                 capture=capture, upto_layer=layers[-1], logits=False)
-            real = mask[:len(ids)].astype(bool)
+            batch = [encoded[i] for i in order[start:stop]]
+            arrays = _batch_activations(model, params, rows_sharding, capture, layers, batch,
+                                        batch_size, length)
             for site in sites:
-                x = np.asarray(result.captures[site])[layers, :len(ids)]  # [n_layers, n, (T,) d]
-                parts[site].append((x[:, real] if pool == "all" else x).astype(store_dtype))
-            speed.update(len(ids), int(real.sum()))
+                parts[site].append(arrays[site].astype(store_dtype))
+            speed.update(len(batch), int(n_tokens[order[start:stop]].sum()))
         for site in sites:
             array = np.concatenate(parts[site], axis=1)
             if out is None:
@@ -221,6 +215,25 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
         return Activations(manifest, order, n_tokens, in_memory, None)
     _write_json(out / "manifest.json", manifest)
     return load_activations(out)
+
+
+def _batch_activations(model: Model, params, rows_sharding, capture: Capture, layers: list[int],
+                       batch: list[list[int]], batch_size: int, length: int) -> dict[str, np.ndarray]:
+    """One forward over `batch` (token id lists) padded to [batch_size, length].
+
+    Returns site -> [n_layers, len(batch), d] (last, mean) or [n_layers, tokens of batch, d] (all).
+    """
+    rows = batch + [batch[-1]] * (batch_size - len(batch))  # fixed batch shape; copies dropped below
+    tokens, mask = pad(rows, model.tokenizer.pad_id, length)
+    result = forward_jit(params, jax.device_put(tokens, rows_sharding),
+                         jax.device_put(mask, rows_sharding), config=model.config, capture=capture,
+                         upto_layer=layers[-1], logits=False)
+    real = mask[:len(batch)].astype(bool)
+    out = {}
+    for site in capture.sites:
+        x = np.asarray(result.captures[site])[layers, :len(batch)]  # [n_layers, n, (T,) d]
+        out[site] = x[:, real] if capture.pool == "all" else x
+    return out
 
 
 def load_activations(out_dir: str | os.PathLike) -> Activations:

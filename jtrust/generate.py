@@ -1,11 +1,13 @@
 """Batched text generation with a KV cache, compiled once per shape.
 
-`generate` left-pads the prompts into one batch, prefills them in a single
-forward call that writes the cache, repeats the cache `n_samples` times along
-the batch axis (so many samples of one prompt cost one prefill), then decodes
-every row together in one `jax.lax.while_loop` inside one jitted function.
+`generate` left-pads the prompts into one batch and prefills them in one forward
+call that writes the cache (every prompt token but the last, without logits),
+repeats the cache `n_samples` times along the batch axis (so many samples of one
+prompt cost one prefill), then runs one `jax.lax.while_loop` over all rows inside
+the same jitted function: step t feeds one token (the last prompt token, then new
+token t - 1) at cache slot P - 1 + t and chooses new token t.
 
-Shapes are bucketed to limit recompiles: the padded prompt length is rounded up
+Shapes are bucketed to limit recompiles: the padded prompt length P is rounded up
 to a multiple of `BUCKET`; `max_new_tokens`, `n_samples`, `Sampling` and the
 stop ids are static (a new value compiles a new program).
 

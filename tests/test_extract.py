@@ -10,15 +10,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
-import jax
 import numpy as np
 import pytest
 import tokenizers
 import torch
 
-extract_module = importlib.import_module("jtrust.extract")  # `jtrust.extract` is also the function
 from conftest import CORPUS, tiny_tokenizer_json
 from jtrust.extract import extract, load_activations
 from jtrust.model import Model
@@ -26,6 +23,8 @@ from jtrust.models.config import config_from_hf
 from jtrust.models.convert import hf_to_params
 from jtrust.models.interventions import SITES
 from jtrust.tokenizer import Tokenizer
+
+extract_module = importlib.import_module("jtrust.extract")  # `jtrust.extract` is also the function
 
 LONG = " ".join(CORPUS[:4]) + " Zebras xylophone quantum!"
 # 1 to 60 tokens, deliberately not sorted by length, so results must be put back in order
@@ -100,8 +99,7 @@ def test_matches_transformers_every_site_and_pooling(tiny_checkpoints, family, p
 
 
 def test_buckets_bound_compiled_shapes_and_stop_at_deepest_layer(tiny_checkpoints, llama, monkeypatch):
-    model = llama
-    texts = [LONG[: (i * 37) % len(LONG) + 1] for i in range(40)]  # 1 to about 110 tokens
+    texts = [LONG[: (i * 37) % 150 + 1] for i in range(40)]  # 1 to 89 tokens
     calls = []
 
     def recording_forward(params, tokens, mask, **kwargs):
@@ -111,18 +109,18 @@ def test_buckets_bound_compiled_shapes_and_stop_at_deepest_layer(tiny_checkpoint
     real_forward = extract_module.forward_jit
     monkeypatch.setattr(extract_module, "forward_jit", recording_forward)
     cache_before = real_forward._cache_size()
-    acts = extract(model, texts, sites=SITES, layers=[1, 0], pool="mean", batch_size=4,
+    acts = extract(llama, texts, sites=SITES, layers=[1, 0], pool="mean", batch_size=4,
                    progress=False)
     rung = lambda n: next(r for r in (32, 64, 96, 128, 256) if r >= n)
-    rungs_touched = {rung(len(model.tokenizer.encode(t))) for t in texts}
+    rungs_touched = {rung(len(llama.tokenizer.encode(t))) for t in texts}
     shapes = {shape for shape, _, _ in calls}
-    assert len(calls) == 10 and len(rungs_touched) == 4
+    assert len(calls) == 10 and rungs_touched == {32, 64, 96}
     assert len(shapes) <= len(rungs_touched)
     assert real_forward._cache_size() - cache_before <= len(rungs_touched)
     assert all(b == 4 and t in rungs_touched for b, t in shapes)
     assert {(upto, logits) for _, upto, logits in calls} == {(1, False)}
     assert acts.layers == [0, 1]
-    oracle = [torch_sites(tiny_checkpoints["llama"][1], model.tokenizer.encode(t)) for t in texts]
+    oracle = [torch_sites(tiny_checkpoints["llama"][1], llama.tokenizer.encode(t)) for t in texts]
     for site in SITES:
         for layer in (0, 1):
             np.testing.assert_allclose(acts.get(site, layer), pooled(oracle, site, layer, "mean"),
@@ -131,10 +129,9 @@ def test_buckets_bound_compiled_shapes_and_stop_at_deepest_layer(tiny_checkpoint
 
 @pytest.mark.parametrize("pool", ["last", "all"])
 def test_streams_to_disk_and_resumes_after_a_crash(llama, tmp_path, monkeypatch, pool):
-    model = llama
     args = dict(sites=SITES, layers=[0, 2], pool=pool, batch_size=4, chunk_mb=0,
                 progress=False)  # chunk_mb=0: every batch is its own chunk
-    reference = extract(model, TEXTS, **args)
+    reference = extract(llama, TEXTS, **args)
     n_chunks = len(reference.manifest["chunks"])
     assert n_chunks == 3
     real_forward = extract_module.forward_jit
@@ -150,7 +147,7 @@ def test_streams_to_disk_and_resumes_after_a_crash(llama, tmp_path, monkeypatch,
     out = tmp_path / "acts"
     crash_after = 1
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(model, TEXTS, out_dir=out, dataset_name="demo", **args)
+        extract(llama, TEXTS, out_dir=out, dataset_name="demo", **args)
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and [c["done"] for c in manifest["chunks"]] == [True, False, False]
     with pytest.raises(ValueError, match="incomplete.*rerun extract"):
@@ -159,7 +156,7 @@ def test_streams_to_disk_and_resumes_after_a_crash(llama, tmp_path, monkeypatch,
 
     calls.clear()
     crash_after = None
-    acts = extract(model, TEXTS, out_dir=out, dataset_name="demo", **args)
+    acts = extract(llama, TEXTS, out_dir=out, dataset_name="demo", **args)
     assert len(calls) == n_chunks - 1
     assert list(out.glob("*.tmp")) == []
     reloaded = load_activations(out)
@@ -177,12 +174,12 @@ def test_streams_to_disk_and_resumes_after_a_crash(llama, tmp_path, monkeypatch,
     assert np.load(out / "resid_post.00002.npy").shape[::2] == (2, 64)  # [n_layers, rows, d]
 
     calls.clear()
-    extract(model, TEXTS, out_dir=out, **args)  # a finished directory: nothing to compute
+    extract(llama, TEXTS, out_dir=out, **args)  # a finished directory: nothing to compute
     assert calls == []
     with pytest.raises(ValueError, match="layers.*another --out"):
-        extract(model, TEXTS, out_dir=out, **dict(args, layers=[1]))
+        extract(llama, TEXTS, out_dir=out, **dict(args, layers=[1]))
     with pytest.raises(ValueError, match="checkpoint_hash"):
-        extract(model.with_params(model.params, checkpoint_hash="other"), TEXTS, out_dir=out, **args)
+        extract(llama.with_params(llama.params, checkpoint_hash="other"), TEXTS, out_dir=out, **args)
 
 
 def test_float16_storage_and_truncation(llama):
@@ -199,7 +196,6 @@ def test_float16_storage_and_truncation(llama):
 
 
 def test_rejects_bad_arguments(llama, tmp_path):
-    model = llama
     cases = [
         (dict(texts=[]), "no texts"),
         (dict(texts=["a", "b", ""]), "text 2 is empty"),
@@ -210,47 +206,54 @@ def test_rejects_bad_arguments(llama, tmp_path):
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            extract(model, **{"texts": TEXTS, "progress": False, **kwargs})
+            extract(llama, **{"texts": TEXTS, "progress": False, **kwargs})
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
-        extract(model, TEXTS, out_dir=tmp_path, progress=False)
+        extract(llama, TEXTS, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="no manifest"):
         load_activations(tmp_path)
 
 
-MESH_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-    from jtrust.extract import extract
-    from jtrust.model import Model
-    from jtrust.models.config import ModelConfig
-    from jtrust.models.decoder import init_params
-    from test_extract import TEXTS, tiny_tokenizer
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax starts
+import jax
+import numpy as np
+import tokenizers
+from jax.sharding import Mesh
+from conftest import tiny_tokenizer_json
+from jtrust.extract import extract
+from jtrust.model import Model
+from jtrust.models.config import ModelConfig
+from jtrust.models.decoder import init_params
+from jtrust.tokenizer import Tokenizer
 
-    assert len(jax.devices()) == 8
-    config = ModelConfig(family="llama", vocab_size=300, d_model=64, n_layers=3, n_heads=4,
-                         n_kv_heads=2, head_dim=16, d_ff=96, norm="rms", norm_eps=1e-5,
-                         position="rope", rotary_dim=16)
-    model = Model(config, init_params(config, jax.random.key(0)), tiny_tokenizer(), "tiny", "hash0")
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sites, texts = ("resid_post", "attn_out"), [t for t in TEXTS if len(t) < 50]  # one bucket
-    sharded = extract(model, texts, sites=sites, pool="all", batch_size=6, mesh=mesh, progress=False)
-    assert sharded.manifest["batch_size"] == 8  # rounded up to the device count
-    single = extract(model, texts, sites=sites, pool="all", batch_size=8, progress=False)
-    for site in sites:
-        for layer in range(3):
-            np.testing.assert_allclose(sharded.get(site, layer), single.get(site, layer), atol=1e-5)
-    print("ok")
-""")
+assert len(jax.devices()) == 8
+config = ModelConfig(family="llama", vocab_size=300, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                     head_dim=16, d_ff=96, norm="rms", norm_eps=1e-5, position="rope", rotary_dim=16)
+tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tiny_tokenizer_json()), bos_id=1, eos_id=2, pad_id=0)
+shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))  # Linen's init is slow here
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+model = Model(config, params, tokenizer, "tiny", "hash0")
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sites, texts = ("resid_post", "attn_out"), TEXTS
+sharded = extract(model, texts, sites=sites, pool="all", batch_size=6, mesh=mesh, progress=False)
+assert sharded.manifest["batch_size"] == 8  # rounded up to the device count
+single = extract(model, texts, sites=sites, pool="all", batch_size=8, progress=False)
+for site in sites:
+    for layer in range(3):
+        np.testing.assert_allclose(sharded.get(site, layer), single.get(site, layer), atol=1e-5)
+print("ok")
+"""
 
 
 def test_mesh_of_eight_devices_matches_single_device():
     here = pathlib.Path(__file__).parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
-    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
+    texts = [t for t in TEXTS if len(t) < 50]  # 7 texts of one bucket: one batch with a dummy row
+    script = MESH_SCRIPT.replace("TEXTS", repr(texts))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")

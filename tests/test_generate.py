@@ -177,39 +177,47 @@ def test_samples_of_repeated_cache_equal_separate_prompts(llama):
 def test_stop_tokens(tiny_checkpoints, llama):
     ps, N = STANDARD_PROMPTS, STANDARD_N
     free = generate(llama, ps, max_new_tokens=N, sampling=Sampling()).tokens[:, 0]
-    # stop each row at a token it first emits at step >= 2, so every row stops early
-    stops = set()
-    for row in free:
-        stops.add(next(int(x) for t, x in enumerate(row) if t >= 2 and x not in row[:t]))
+    # stop row 0 early and row 1 later (both before N): row 0 must emit pad while row 1
+    # runs on, and the loop may end early once both are done
+    first = [{int(x): t for t, x in reversed(list(enumerate(row)))} for row in free]  # token -> step
+    stops = {min((t, x) for x, t in first[0].items() if t >= 1)[1],
+             max((t, x) for x, t in first[1].items())[1]}
     model = build(tiny_checkpoints["llama"][1], stop_ids=tuple(sorted(stops)))
     out = generate(model, ps, max_new_tokens=N, sampling=Sampling())
+    ends = []
     for b, row in enumerate(free):
         end = next(t for t, x in enumerate(row) if x in stops) + 1
-        assert 3 <= end < N and out.lengths[b, 0] == end
+        ends.append(end)
+        assert out.lengths[b, 0] == end
         np.testing.assert_array_equal(out.tokens[b, 0, :end], row[:end])
         assert (out.tokens[b, 0, end:] == PAD).all()
         assert (out.logprobs[b, 0, end:] == 0).all()
         assert out.texts[b][0] == model.tokenizer.decode(row[:end - 1])
+    assert ends[0] < ends[1] < N
 
 
-def greedy_reference(model, prompt, n_new, interventions_for) -> list[int]:
-    """Greedy decoding by rerunning the full forward each step; interventions_for(seq) -> edits."""
-    seq = list(prompt)
-    for _ in range(n_new):
-        seq.append(int(np.argmax(full_logits(model, [seq], interventions_for(seq))[0])))
-    return seq[len(prompt):]
+def assert_steered_like_recomputation(model, iv, reference_edits):
+    """Greedy steered generation: every step's logits equal a no-cache full forward over the
+    prompt and the tokens so far with `reference_edits`, each token is their argmax, and
+    the output differs from unsteered generation."""
+    ps, N = STANDARD_PROMPTS, STANDARD_N
+    steered = generate(model, ps, max_new_tokens=N, sampling=Sampling(), interventions=[iv],
+                       return_logits=True)
+    plain = generate(model, ps, max_new_tokens=N, sampling=Sampling())
+    assert (steered.tokens != plain.tokens).any()
+    for t in range(N):
+        ref = full_logits(model, [p + steered.tokens[b, 0, :t].tolist() for b, p in enumerate(ps)],
+                          reference_edits)
+        np.testing.assert_allclose(steered.logits[:, 0, t], ref, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(steered.tokens[:, 0, t], ref.argmax(-1))
 
 
 def test_intervention_at_every_position_matches_recomputation(llama):
     c = llama.config
     vector = 20.0 * jax.random.normal(jax.random.key(7), (c.d_model,))
-    iv = at_layer(c.n_layers, c.n_layers - 1, vector, site="resid_post", position="all")
-    ps, N = STANDARD_PROMPTS, STANDARD_N
-    steered = generate(llama, ps, max_new_tokens=N, sampling=Sampling(), interventions=[iv]).tokens[:, 0]
-    plain = generate(llama, ps, max_new_tokens=N, sampling=Sampling()).tokens[:, 0]
-    assert (steered != plain).any()
-    for b, p in enumerate(ps):
-        assert steered[b].tolist() == greedy_reference(llama, p, N, lambda seq: (iv,))
+    # a middle layer: edits of prompt positions reach the cached keys and values of later layers
+    iv = at_layer(c.n_layers, 1, vector, site="resid_post", position="all")
+    assert_steered_like_recomputation(llama, iv, (iv,))
 
 
 def test_last_position_intervention_follows_cached_semantics(llama):
@@ -219,20 +227,16 @@ def test_last_position_intervention_follows_cached_semantics(llama):
     vector = 8.0 * jax.random.normal(jax.random.key(8), (c.d_model,))
     layer = 0  # an early layer, so edited positions feed later layers' cached keys and values
     iv = at_layer(c.n_layers, layer, vector, site="resid_post", position="last")
-    ps, N = STANDARD_PROMPTS, STANDARD_N
-    steered = generate(llama, ps, max_new_tokens=N, sampling=Sampling(), interventions=[iv]).tokens[:, 0]
-    assert (steered != generate(llama, ps, max_new_tokens=N, sampling=Sampling()).tokens[:, 0]).any()
+    # right-padded rows of full_logits: edit from the last prompt token onwards
+    mask = np.stack([np.arange(32) >= len(p) - 1 for p in STANDARD_PROMPTS]).astype(np.float32)
 
-    def masked_add(params, x):  # x [1, T, d]: add the vector where params["mask"] is 1
-        return x + params["mask"][None, :, None] * params["vector"]
+    def masked_add(params, x):  # x [B, T, d]: add the vector where params["mask"] [B, T] is 1
+        return x + params["mask"][:, :, None] * params["vector"]
 
-    for b, p in enumerate(ps):
-        def edits(seq, n_prompt=len(p)):
-            mask = (np.arange(32) >= n_prompt - 1).astype(np.float32)
-            return (Intervention(jnp.zeros((c.n_layers, c.d_model)), iv.scales,
-                                 fn_params={"mask": jnp.asarray(mask), "vector": vector},
-                                 site="resid_post", kind="splice", position="all", fn=masked_add),)
-        assert steered[b].tolist() == greedy_reference(llama, p, N, edits)
+    oracle = Intervention(jnp.zeros((c.n_layers, c.d_model)), iv.scales,
+                          fn_params={"mask": jnp.asarray(mask), "vector": vector},
+                          site="resid_post", kind="splice", position="all", fn=masked_add)
+    assert_steered_like_recomputation(llama, iv, (oracle,))
 
 
 def test_sequence_logprobs_match_torch(tiny_checkpoints, llama):

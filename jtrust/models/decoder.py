@@ -242,14 +242,21 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
     upto_layer: run blocks 0..upto_layer only (stops the computation early; no logits).
     cache: a `KVCache` from `init_cache`; this call's T tokens are written at
       slots cache_index..cache_index+T-1 and `cache.valid` must already mark them.
+      Default positions then count the valid slots, so left padding is ignored.
     dtype: compute dtype of activations and matmuls (float32 or bfloat16).
     """
     mask = attention_mask.astype(bool)
-    positions = default_positions(mask) if positions is None else positions
     T = tokens.shape[1]
+    if positions is None and cache is None:
+        positions = default_positions(mask)
+    elif positions is None:  # count the real tokens already in the cache, slot by slot
+        slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(T)
+        positions = default_positions(cache.valid)[:, slots]
     n_run = config.n_layers if upto_layer is None else upto_layer + 1
     if not 0 < n_run <= config.n_layers:
         raise ValueError(f"upto_layer={upto_layer} out of range for {config.n_layers} layers")
+    if cache is not None and n_run < config.n_layers:
+        raise ValueError("upto_layer cannot be combined with a cache (the cache holds every layer)")
     run_params = params
     if n_run < config.n_layers:
         run_params = dict(params, blocks=jax.tree.map(lambda p: p[:n_run], params["blocks"]))
