@@ -105,7 +105,13 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
         params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         rows = PartitionSpec("data") if n_prompts % n_devices == 0 else PartitionSpec()
         tokens, mask = jax.device_put((tokens, mask), NamedSharding(mesh, rows))
-    out = _decode(params, tokens, mask, jax.random.key(0) if key is None else key, tuple(interventions),
+    cache = init_cache(model.config, n_prompts, tokens.shape[1] - 1 + max_new_tokens)
+    if mesh is not None:
+        kv = PartitionSpec(None, *rows)  # k, v: [L, B, ...]
+        cache = KVCache(*jax.device_put((cache.k, cache.v), NamedSharding(mesh, kv)),
+                        jax.device_put(cache.valid, NamedSharding(mesh, rows)))
+    out = _decode(params, tokens, mask, cache, jax.random.key(0) if key is None else key,
+                  tuple(interventions),
                   config=model.config, sampling=sampling, max_new_tokens=max_new_tokens,
                   n_samples=n_samples, stop_ids=stop_ids, pad_id=tok.pad_id, mesh=mesh,
                   return_logits=return_logits)
@@ -148,12 +154,15 @@ class _State(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "n_samples",
-                                             "stop_ids", "pad_id", "mesh", "return_logits"))
-def _decode(params: Any, tokens: jax.Array, mask: jax.Array, key: jax.Array,
+                                             "stop_ids", "pad_id", "mesh", "return_logits"),
+                   donate_argnames=("cache",))
+def _decode(params: Any, tokens: jax.Array, mask: jax.Array, cache: KVCache, key: jax.Array,
             interventions: tuple[Intervention, ...], *, config: ModelConfig, sampling: Sampling,
             max_new_tokens: int, n_samples: int, stop_ids: tuple[int, ...], pad_id: int,
             mesh: Mesh | None, return_logits: bool) -> _State:
-    """Prefill left-padded tokens, mask [B, P], then decode B * n_samples rows.
+    """Prefill left-padded tokens, mask [B, P] into an empty cache of B rows and P - 1 + N
+    slots (made by the caller: a zero cache built inside would be constant-folded at compile
+    time), then decode B * n_samples rows; step t writes slot P - 1 + t.
 
     The prefill writes all but the last column (a real token in every left-padded row)
     without logits, which would be [B, P, vocab]; the loop's first step feeds the last
@@ -161,7 +170,6 @@ def _decode(params: Any, tokens: jax.Array, mask: jax.Array, key: jax.Array,
     """
     B, P = tokens.shape
     N, R = max_new_tokens, B * n_samples
-    cache = init_cache(config, B, P - 1 + N)  # step t writes slot P - 1 + t
     cache = cache._replace(valid=cache.valid.at[:, :P].set(mask.astype(bool)))
     head = forward(params, tokens[:, :-1], mask[:, :-1], config=config, logits=False,
                    interventions=tuple(iv for iv in interventions if iv.position == "all"), cache=cache)
@@ -206,17 +214,51 @@ def _sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array
         return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits / sampling.temperature
     if sampling.top_k:
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        # min over all k values, not [:, -1]: XLA turns a top_k used only at its last entry into a full sort
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0].min(-1, keepdims=True)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1:
-        # keep a token if the probability mass strictly before it (sorted) is < p:
-        # the smallest set reaching p, always including the top token
-        desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < sampling.top_p, desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        logits = jnp.where(logits < _nucleus_cutoff(logits, sampling.top_p), -jnp.inf, logits)
+    return jax.vmap(_inverse_cdf_sample)(keys, logits)
+
+
+def _nucleus_cutoff(logits: jax.Array, top_p: float, candidates: int = 256) -> jax.Array:
+    """[R, 1] smallest logit kept by top-p: a token is kept if the probability mass of the
+    tokens ranked before it is < top_p (the smallest set reaching top_p, top token always in).
+
+    Sorting the vocabulary every step would cost more than the model's step on CPU, so the
+    nucleus is read off the top `candidates` logits when it lies among them, and otherwise
+    found by bisection on the cutoff: the largest value whose tail mass still reaches top_p.
+    """
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse)
+    top = jax.lax.top_k(logits, min(candidates, logits.shape[-1]))[0]  # descending
+
+    def from_candidates():
+        p = jnp.exp(top - lse)
+        before = jnp.cumsum(p, axis=-1) - p
+        return jnp.min(jnp.where(before < top_p, top, jnp.inf), axis=-1, keepdims=True)
+
+    def by_bisection():
+        def step(_, bounds):  # invariant: tail mass at lo reaches top_p, at hi it does not
+            lo, hi = bounds
+            mid = lo + (hi - lo) / 2
+            reaches = jnp.sum(jnp.where(logits >= mid, probs, 0), -1, keepdims=True) >= top_p
+            return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
+        finite_min = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), -1, keepdims=True)
+        lo, _ = jax.lax.fori_loop(0, 48, step, (finite_min, top[:, :1] + 1.0))
+        return jnp.min(jnp.where(logits >= lo, logits, jnp.inf), axis=-1, keepdims=True)
+
+    fits = jnp.all(jnp.exp(top - lse).sum(-1) >= top_p)  # every row's nucleus lies in `top`
+    return jax.lax.cond(fits, from_candidates, by_bisection)
+
+
+def _inverse_cdf_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """A draw from softmax(logits) [V] with one uniform number (Gumbel noise over the whole
+    vocabulary costs more than the model's step on CPU); -inf logits are never drawn."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits))
+    u = (1.0 - jax.random.uniform(key)) * cdf[-1]  # in (0, total]: a zero-probability first token is never hit
+    return jnp.minimum(jnp.sum(cdf < u), logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def _constrain(mesh: Mesh | None, state: _State) -> _State:

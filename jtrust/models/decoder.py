@@ -64,8 +64,7 @@ class Context(NamedTuple):
     """Per-call data every block reads (broadcast through the scan)."""
 
     positions: jax.Array  # [B, T] int, token positions for rotary embeddings
-    query_slots: jax.Array  # [T] slot of each query in the key sequence
-    key_mask: jax.Array  # [B, S] bool, keys a query may attend to
+    key_mask: jax.Array  # [B, S] bool, real tokens among the cache slots (cached calls only)
     token_mask: jax.Array  # [B, T] bool, real (non-pad) tokens of this call
     last_position: jax.Array  # [B, T] bool, the last real token of each row
     cache_index: jax.Array  # scalar int, where this call's keys are written in the cache
@@ -107,9 +106,12 @@ def rotate(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) ->
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    attend_past: bool  # read earlier keys from the cache (false when the cache is still empty)
 
     @nn.compact
     def __call__(self, x, ctx: Context, cache: tuple[jax.Array, jax.Array] | None):
+        """x [B, T, d]; cache: this layer's (k, v) [B, S, K, h] holding slots < cache_index.
+        Returns the output [B, T, d] and this call's (k, v) [B, T, K, h] for the caller to store."""
         c = self.cfg
         B, T, _ = x.shape
         dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=x.dtype, name=name)
@@ -119,21 +121,24 @@ class Attention(nn.Module):
         if c.position == "rope":
             q = rotate(q, ctx.positions, c.rotary_dim, c.rope_theta)
             k = rotate(k, ctx.positions, c.rotary_dim, c.rope_theta)
-        if cache is not None:  # write this call's keys at cache_index, attend over the whole cache
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), ctx.cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), ctx.cache_index, axis=1)
-            cache = (k, v)
-        S = k.shape[1]
         group = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
-        allowed = (jnp.arange(S)[None, :] <= ctx.query_slots[:, None])[None] & ctx.key_mask[:, None, :]
-        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(x.dtype)).reshape(B, T, -1)
-        return dense(c.d_model, c.out_bias, "o")(out), cache
+        q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim) / jnp.sqrt(jnp.asarray(c.head_dim, x.dtype))
+        # this call's keys: causal among themselves, padding masked
+        own = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        own_ok = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & ctx.token_mask[:, None, :]
+        scores = [jnp.where(own_ok[:, None, None], own, _MASK_VALUE)]
+        values = [v]
+        if cache is not None and self.attend_past:  # earlier keys: read from the cache, never copied
+            ck, cv = cache
+            past = jnp.einsum("btkgh,bskh->bkgts", q, ck.astype(q.dtype)).astype(jnp.float32)
+            past_ok = ctx.key_mask & (jnp.arange(ck.shape[1]) < ctx.cache_index)[None, :]
+            scores.insert(0, jnp.where(past_ok[:, None, None, None, :], past, _MASK_VALUE))
+            values.insert(0, cv.astype(x.dtype))
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)
+        splits = [s.shape[-1] for s in scores][:-1]
+        parts = jnp.split(probs, splits, axis=-1) if splits else [probs]
+        out = sum(jnp.einsum("bkgts,bskh->btkgh", p_, v_) for p_, v_ in zip(parts, values))
+        return dense(c.d_model, c.out_bias, "o")(out.reshape(B, T, -1)), (k, v)
 
 
 class MLP(nn.Module):
@@ -164,6 +169,7 @@ def pool(x: jax.Array, ctx: Context, how: str) -> jax.Array:
 class Block(nn.Module):
     cfg: ModelConfig
     capture: Capture | None
+    attend_past: bool = True
 
     @nn.compact
     def __call__(self, x, layer, cache, ctx: Context):
@@ -177,7 +183,7 @@ class Block(nn.Module):
             return value
 
         x = site("resid_pre", x)
-        a, cache = Attention(c, name="attn")(Norm(c.norm, c.norm_eps, name="ln1")(x), ctx, cache)
+        a, new_kv = Attention(c, self.attend_past, name="attn")(Norm(c.norm, c.norm_eps, name="ln1")(x), ctx, cache)
         a = site("attn_out", a)
         if c.parallel_residual:
             m = site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
@@ -186,7 +192,7 @@ class Block(nn.Module):
             x = x + a
             x = x + site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
         x = site("resid_post", x)
-        return x, (cache, seen)
+        return x, (None if cache is None else new_kv, seen)
 
 
 class Decoder(nn.Module):
@@ -196,6 +202,7 @@ class Decoder(nn.Module):
     n_run: int
     capture: Capture | None = None
     logits: bool = True
+    attend_past: bool = True
 
     @nn.compact
     def __call__(self, tokens, ctx: Context, cache: KVCache | None, dtype=jnp.float32):
@@ -207,8 +214,13 @@ class Decoder(nn.Module):
         blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, 0, nn.broadcast), length=self.n_run)
         kv = None if cache is None else (cache.k, cache.v)
-        x, (kv, captures) = blocks(c, self.capture, name="blocks")(x, jnp.arange(self.n_run), kv, ctx)
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], cache.valid)
+        x, (kv, captures) = blocks(c, self.capture, self.attend_past, name="blocks")(x, jnp.arange(self.n_run), kv, ctx)
+        new_cache = None
+        if cache is not None:  # one in-place write of every layer's new keys, after the scan
+            at = (0, 0, ctx.cache_index, 0, 0)
+            new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, kv[0].astype(cache.k.dtype), at),
+                                jax.lax.dynamic_update_slice(cache.v, kv[1].astype(cache.v.dtype), at),
+                                cache.valid)
         if not self.logits:
             return None, captures, new_cache
         x = Norm(c.norm, c.norm_eps, name="final_norm")(x)
@@ -240,8 +252,9 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
 
     tokens, attention_mask: [B, T] (mask 1 = real token; left or right padding).
     upto_layer: run blocks 0..upto_layer only (stops the computation early; no logits).
-    cache: a `KVCache` from `init_cache`; this call's T tokens are written at
-      slots cache_index..cache_index+T-1 and `cache.valid` must already mark them.
+    cache: a `KVCache` from `init_cache`; queries attend to its slots < cache_index
+      that `cache.valid` marks, then to this call's tokens (by attention_mask), whose
+      keys are written at slots cache_index..cache_index+T-1 of the returned cache.
       Default positions then count the valid slots, so left padding is ignored.
     dtype: compute dtype of activations and matmuls (float32 or bfloat16).
     """
@@ -261,12 +274,13 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
     if n_run < config.n_layers:
         run_params = dict(params, blocks=jax.tree.map(lambda p: p[:n_run], params["blocks"]))
         logits = False
+    attend_past = not (isinstance(cache_index, int) and cache_index == 0)  # a first fill has no past
     cache_index = jnp.asarray(cache_index, jnp.int32)
-    ctx = Context(positions=positions, query_slots=cache_index + jnp.arange(T),
+    ctx = Context(positions=positions,
                   key_mask=mask if cache is None else cache.valid.astype(bool),
                   token_mask=mask, last_position=last_position(mask), cache_index=cache_index,
                   interventions=tuple(interventions))
-    model = Decoder(config, n_run, capture, logits)
+    model = Decoder(config, n_run, capture, logits, attend_past)
     out_logits, captures, new_cache = model.apply({"params": run_params}, tokens, ctx, cache, dtype)
     return Output(out_logits, captures, new_cache)
 
@@ -275,7 +289,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Any:
     """Random parameters in the layout above (Linen's default initialisers)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
     mask = jnp.ones((1, 4), bool)
-    ctx = Context(default_positions(mask), jnp.arange(4), mask, mask, last_position(mask),
+    ctx = Context(default_positions(mask), mask, mask, last_position(mask),
                   jnp.int32(0), ())
     return Decoder(config, config.n_layers).init(rng, tokens, ctx, None)["params"]
 
