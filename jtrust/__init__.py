@@ -6,6 +6,7 @@
     out = jtrust.generate(model, ["What is trust?"], max_new_tokens=32, chat=True)
 """
 
+from jtrust import distributed
 from jtrust.extract import Activations, extract, load_activations
 from jtrust.generate import Sampling, generate
 from jtrust.loading import convert, load, load_series
@@ -15,4 +16,5 @@ from jtrust.models.interventions import Intervention, at_layer
 
 __version__ = "0.1.0"
 __all__ = ["Activations", "Capture", "Intervention", "Model", "Sampling", "Series", "at_layer",
-           "convert", "extract", "forward", "generate", "load", "load_activations", "load_series"]
+           "convert", "distributed", "extract", "forward", "generate", "load", "load_activations",
+           "load_series"]

@@ -22,6 +22,11 @@ On disk (`out_dir`), written chunk by chunk so that an interrupted run resumes:
 Every file is written to a `.tmp` name and renamed, so a killed run leaves only
 finished chunks; rerunning with the same arguments computes the missing ones.
 
+Several processes (`jtrust.distributed`, a mesh over every process's devices): each process
+passes the same texts and computes every batch; only process 0 writes `out_dir` (give a
+directory on a filesystem all hosts share, or only process 0's copy exists) and returns its
+Activations, the others return None. Without out_dir every process returns all results.
+
 Costs: host memory holds one chunk of output (`chunk_mb`, all sites together, at
 least one batch) plus, without `out_dir`, every result; a batch's device memory
 grows with batch_size * padded length (and * n_layers for pool="all").
@@ -42,6 +47,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jtrust import distributed
 from jtrust.model import Model, forward_jit
 from jtrust.models.decoder import Capture
 from jtrust.tokenizer import pad
@@ -131,7 +137,7 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
             pool: str = "last", *, batch_size: int = 16, max_length: int | None = None,
             chunk_mb: float = 64.0, out_dir: str | os.PathLike | None = None,
             dataset_name: str | None = None, mesh: Mesh | None = None, progress: bool = True,
-            dtype=jnp.float32) -> Activations:
+            dtype=jnp.float32) -> Activations | None:
     """Activations of `texts` at `sites` x `layers`, pooled by `pool` (see the module docstring).
 
     layers: block indices (0 = the first block); None = all. Only blocks up to the deepest
@@ -141,7 +147,9 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
     max_length: keep the first max_length tokens of longer texts (counted as `n_truncated`).
     chunk_mb: output gathered before a chunk is stored; smaller = finer resume, more files.
     out_dir: stream chunks there and resume an interrupted run; None = keep all in memory.
+      With several processes only process 0 writes and returns; the others return None.
     mesh: a Mesh with a 'data' axis; each batch's rows are sharded over it, params replicated.
+      It may span the devices of several processes (`jtrust.distributed.data_mesh()`).
     dtype: storage dtype, float32 or float16 (the forward computes in float32).
     """
     if isinstance(texts, str):
@@ -177,16 +185,18 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
         complete=False)
 
     out = None if out_dir is None else pathlib.Path(out_dir)
+    writer = jax.process_index() == 0  # the other processes compute the same batches, write nothing
     if out is not None:
-        manifest = _open_out_dir(out, manifest)
+        manifest = _open_out_dir_on_process_0(out, manifest)
+    if out is not None and writer:
         _write_json(out / "manifest.json", manifest)
         _save_npy(out / "order.npy", order)
         _save_npy(out / "n_tokens.npy", n_tokens)
 
     in_memory = {site: [] for site in sites}
     done_texts = sum(c["texts"][1] - c["texts"][0] for c in manifest["chunks"] if c["done"])
-    bar = tqdm.tqdm(total=len(texts), initial=done_texts, unit="text", disable=not progress,
-                    desc=f"extract {model.name}")
+    bar = tqdm.tqdm(total=len(texts), initial=done_texts, unit="text",
+                    disable=not (progress and writer), desc=f"extract {model.name}")
     speed = _Speed(bar)
     for k, chunk in enumerate(manifest["chunks"]):
         if chunk["done"]:
@@ -203,18 +213,20 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
             array = np.concatenate(parts[site], axis=1)
             if out is None:
                 in_memory[site].append(array)
-            else:
+            elif writer:
                 _save_npy(out / _chunk_file(site, k), array)
         chunk["done"] = True
-        if out is not None:
+        if out is not None and writer:
             _write_json(out / "manifest.json", manifest)
     bar.close()
 
     manifest["complete"] = True
     if out is None:
         return Activations(manifest, order, n_tokens, in_memory, None)
-    _write_json(out / "manifest.json", manifest)
-    return load_activations(out)
+    if writer:
+        _write_json(out / "manifest.json", manifest)
+    distributed.barrier("jtrust.extract: out_dir complete")  # then any process may read a shared out_dir
+    return load_activations(out) if writer else None
 
 
 def _batch_activations(model: Model, params, rows_sharding, capture: Capture, layers: list[int],
@@ -225,13 +237,18 @@ def _batch_activations(model: Model, params, rows_sharding, capture: Capture, la
     """
     rows = batch + [batch[-1]] * (batch_size - len(batch))  # fixed batch shape; copies dropped below
     tokens, mask = pad(rows, model.tokenizer.pad_id, length)
-    result = forward_jit(params, jax.device_put(tokens, rows_sharding),
-                         jax.device_put(mask, rows_sharding), config=model.config, capture=capture,
+    if rows_sharding is None:
+        tokens_in, mask_in = jax.device_put(tokens), jax.device_put(mask)
+    else:
+        tokens_in, mask_in = distributed.put((tokens, mask), rows_sharding)
+    result = forward_jit(params, tokens_in, mask_in, config=model.config, capture=capture,
                          upto_layer=layers[-1], logits=False)
+    # with a mesh, every process needs the whole batch (rows of other processes included)
+    captures = result.captures if rows_sharding is None else distributed.to_host(result.captures)
     real = mask[:len(batch)].astype(bool)
     out = {}
     for site in capture.sites:
-        x = np.asarray(result.captures[site])[layers, :len(batch)]  # [n_layers, n, (T,) d]
+        x = np.asarray(captures[site])[layers, :len(batch)]  # [n_layers, n, (T,) d]
         out[site] = x[:, real] if capture.pool == "all" else x
     return out
 
@@ -274,8 +291,7 @@ def _placement(params, mesh: Mesh | None, batch_size: int):
     if "data" not in mesh.axis_names:
         raise ValueError(f"the mesh needs a 'data' axis to shard rows over; it has {mesh.axis_names}")
     n = mesh.shape["data"]
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return (jax.device_put(params, replicated), NamedSharding(mesh, PartitionSpec("data")),
+    return (distributed.replicate(params, mesh), NamedSharding(mesh, PartitionSpec("data")),
             -(-batch_size // n) * n)
 
 
@@ -344,6 +360,29 @@ def _open_out_dir(out: pathlib.Path, manifest: dict) -> dict:
     for k, (chunk, old_chunk) in enumerate(zip(manifest["chunks"], old["chunks"])):
         chunk["done"] = old_chunk["done"] and all(
             (out / _chunk_file(site, k)).exists() for site in manifest["sites"])
+    return manifest
+
+
+def _open_out_dir_on_process_0(out: pathlib.Path, manifest: dict) -> dict:
+    """`_open_out_dir` on process 0 only; every process gets its chunk `done` flags, so all
+    compute the same remaining batches whether or not they see out_dir."""
+    if jax.process_count() == 1:
+        return _open_out_dir(out, manifest)
+    status = np.zeros(1 + len(manifest["chunks"]), np.int32)  # [opened, done of every chunk]
+    error = None
+    if jax.process_index() == 0:
+        try:
+            manifest = _open_out_dir(out, manifest)
+            status[:] = [1] + [c["done"] for c in manifest["chunks"]]
+        except (ValueError, OSError) as e:  # raised below, after the others learn of it
+            error = e
+    status = distributed.broadcast_from_process_0(status)
+    if error is not None:
+        raise error
+    if not status[0]:
+        raise ValueError(f"process 0 could not open {out}; its error says why")
+    for chunk, done in zip(manifest["chunks"], status[1:]):
+        chunk["done"] = bool(done)
     return manifest
 
 

@@ -14,6 +14,9 @@ stop ids are static (a new value compiles a new program).
 Randomness is explicit: token t of batch row r is drawn with
 `fold_in(fold_in(key, t), r)`, so a row's samples do not depend on the batch
 size, on sharding, or on when the loop stops.
+
+With a mesh over several processes (`jtrust.distributed`), every process passes the
+same prompts and key, and every process gets the whole `Generation`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jtrust import distributed
 from jtrust.model import Model
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import KVCache, forward, init_cache
@@ -76,7 +80,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     interventions: applied in the prefill (position "last" = the last prompt
       token) and in every decode step (the new token).
     mesh: a `Mesh` with a 'data' axis: the batch of rows is sharded across it
-      (parameters replicated); the batch is padded to a multiple of its size.
+      (parameters replicated); the batch is padded to a multiple of its size. It may
+      span the devices of several processes (`jtrust.distributed.data_mesh()`).
     Generation stops for a row at the tokenizer's stop ids or eos (included in
     `tokens` and `lengths`); the row then emits pad.
     """
@@ -99,28 +104,30 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     ids = prompt_ids + [prompt_ids[0]] * (n_prompts - B)
     tokens, mask = pad(ids, tok.pad_id, _bucket(max(len(p) for p in ids)), side="left")
     stop_ids = tuple(sorted(set(tok.stop_ids) | ({tok.eos_id} if tok.eos_id is not None else set())))
-    params = model.params
-    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-    if mesh is not None:
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    cache_length = tokens.shape[1] - 1 + max_new_tokens
+    if mesh is None:
+        params = model.params
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+        cache = init_cache(model.config, n_prompts, cache_length)
+    else:
+        params = distributed.replicate(model.params, mesh)
         rows = PartitionSpec("data") if n_prompts % n_devices == 0 else PartitionSpec()
-        tokens, mask = jax.device_put((tokens, mask), NamedSharding(mesh, rows))
-    cache = init_cache(model.config, n_prompts, tokens.shape[1] - 1 + max_new_tokens)
-    if mesh is not None:
-        kv = PartitionSpec(None, *rows)  # k, v: [L, B, ...]
-        cache = KVCache(*jax.device_put((cache.k, cache.v), NamedSharding(mesh, kv)),
-                        jax.device_put(cache.valid, NamedSharding(mesh, rows)))
+        tokens, mask = distributed.put((tokens, mask), NamedSharding(mesh, rows))
+        cache = _sharded_cache(model.config, n_prompts, cache_length, mesh, rows)
     out = _decode(params, tokens, mask, cache, jax.random.key(0) if key is None else key,
                   tuple(interventions),
                   config=model.config, sampling=sampling, max_new_tokens=max_new_tokens,
                   n_samples=n_samples, stop_ids=stop_ids, pad_id=tok.pad_id, mesh=mesh,
                   return_logits=return_logits)
+    results = (out.tokens, out.length, out.logprobs, out.logits)
+    if mesh is not None:  # every process gets every row, those of other processes' devices too
+        results = distributed.to_host(results)
     per_prompt = lambda x: None if x is None else np.asarray(x).reshape(
         n_prompts, n_samples, *x.shape[1:])[:B]
-    new_tokens, lengths, logprobs = per_prompt(out.tokens), per_prompt(out.length), per_prompt(out.logprobs)
+    new_tokens, lengths, logprobs, logits = (per_prompt(x) for x in results)
     texts = [[tok.decode(_strip_stop(row[:n], stop_ids)) for row, n in zip(new_tokens[b], lengths[b])]
              for b in range(B)]
-    return Generation(new_tokens, lengths, texts, prompt_ids, logprobs, per_prompt(out.logits))
+    return Generation(new_tokens, lengths, texts, prompt_ids, logprobs, logits)
 
 
 def sequence_logprobs(model: Model, sequences: Sequence[str] | Sequence[Sequence[int]], *,
@@ -206,6 +213,17 @@ def _decode(params: Any, tokens: jax.Array, mask: jax.Array, cache: KVCache, key
         logits=jnp.zeros((R, N, config.vocab_size), jnp.float32) if return_logits else None))
     # stop early once every row is done; later tokens would be pad anyway
     return jax.lax.while_loop(lambda s: (s.step < N) & ~s.done.all(), body, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sharded_cache(config: ModelConfig, batch: int, length: int, mesh: Mesh,
+                   rows: PartitionSpec) -> KVCache:
+    """An empty cache made on the mesh's devices, rows split by `rows`: k, v [L, batch, length,
+    K, h], valid [batch, length] (made in place: no host copy, no full copy on one device)."""
+    cache = init_cache(config, batch, length)
+    kv = NamedSharding(mesh, PartitionSpec(None, *rows))  # k, v: [L, B, ...]
+    c = jax.lax.with_sharding_constraint
+    return KVCache(c(cache.k, kv), c(cache.v, kv), c(cache.valid, NamedSharding(mesh, rows)))
 
 
 def _sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:

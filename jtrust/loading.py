@@ -208,6 +208,7 @@ def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
         return read_jtrust_dir(path)
     digest = content_hash(path)
     cached = cache_root() / "converted" / digest
+    cache = cache and jax.process_count() == 1  # processes of one run would race on the cache
     if cache and (cached / JTRUST_MARKER).exists():
         return _renamed(read_jtrust_dir(cached), name)
     if kind == "gguf":
@@ -231,7 +232,8 @@ def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
 
 
 def _default_sharding():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # local: with several processes, jax.devices()[0] belongs to process 0 only
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _renamed(model: Model, name: str) -> Model:

@@ -10,7 +10,7 @@ import pytest
 import jtrust
 from jtrust.model import forward_jit
 from jtrust.models.decoder import Capture, KVCache, init_cache
-from tests.conftest import random_tokens
+from conftest import random_tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 import jtrust
 from jtrust.model import Series, forward_jit
-from tests.conftest import make_tiny_hf_dir, random_tokens
+from conftest import make_tiny_hf_dir, random_tokens
 
 
 def torch_logits(model, tokens):
