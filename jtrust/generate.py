@@ -161,8 +161,7 @@ class _State(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new_tokens", "n_samples",
-                                             "stop_ids", "pad_id", "mesh", "return_logits"),
-                   donate_argnames=("cache",))
+                                             "stop_ids", "pad_id", "mesh", "return_logits"))
 def _decode(params: Any, tokens: jax.Array, mask: jax.Array, cache: KVCache, key: jax.Array,
             interventions: tuple[Intervention, ...], *, config: ModelConfig, sampling: Sampling,
             max_new_tokens: int, n_samples: int, stop_ids: tuple[int, ...], pad_id: int,
