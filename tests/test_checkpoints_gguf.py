@@ -98,6 +98,26 @@ def test_greedy_chat_matches_transformers(raw, model, hf_model):
     assert "The capital of France is Paris." in tok.decode(got)
 
 
+QUESTIONS = ["What is the capital of France?", "Name a primary colour.",
+             "How many legs does a spider have?", "Who wrote Romeo and Juliet?"]
+
+
+def test_engine_greedy_chat_matches_transformers(raw, model, hf_model):
+    """jtrust.generate (batched, left-padded, KV cache) vs transformers, one prompt at a time."""
+    import jtrust
+    config, params = model
+    engine = jtrust.Model(config, params, raw.tokenizer, "smollm2", "test")
+    new = 16
+    got = jtrust.generate(engine, QUESTIONS, max_new_tokens=new, chat=True)
+    for b, question in enumerate(QUESTIONS):
+        prompt = raw.tokenizer.encode(raw.tokenizer.chat(question))
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                     max_new_tokens=new, do_sample=False)[0, len(prompt):].tolist()
+        assert got.tokens[b, 0, : got.lengths[b, 0]].tolist() == want, question
+    assert got.texts[0][0].startswith("The capital of France is Paris.")
+
+
 def test_tokenizer_matches_transformers(raw, hf_tokenizer):
     tok = raw.tokenizer
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.stop_ids) == (1, 2, 2, False, (2,))
