@@ -123,21 +123,26 @@ class Attention(nn.Module):
             k = rotate(k, ctx.positions, c.rotary_dim, c.rope_theta)
         group = c.n_heads // c.n_kv_heads
         q = q.reshape(B, T, c.n_kv_heads, group, c.head_dim) / jnp.sqrt(jnp.asarray(c.head_dim, x.dtype))
+        # queries of one kv head, folded to one axis (t, g): fewer, larger products per head
+        q = q.transpose(0, 2, 1, 3, 4).reshape(B, c.n_kv_heads, T * group, c.head_dim)
+        by_query = lambda scores: scores.reshape(B, c.n_kv_heads, T, group, -1)  # [B, K, T, G, S]
         # this call's keys: causal among themselves, padding masked
-        own = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        own = by_query(jnp.einsum("bkqh,bskh->bkqs", q, k).astype(jnp.float32))
         own_ok = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & ctx.token_mask[:, None, :]
-        scores = [jnp.where(own_ok[:, None, None], own, _MASK_VALUE)]
+        scores = [jnp.where(own_ok[:, None, :, None, :], own, _MASK_VALUE)]
         values = [v]
         if cache is not None and self.attend_past:  # earlier keys: read from the cache, never copied
             ck, cv = cache
-            past = jnp.einsum("btkgh,bskh->bkgts", q, ck.astype(q.dtype)).astype(jnp.float32)
+            past = by_query(jnp.einsum("bkqh,bskh->bkqs", q, ck.astype(q.dtype)).astype(jnp.float32))
             past_ok = ctx.key_mask & (jnp.arange(ck.shape[1]) < ctx.cache_index)[None, :]
             scores.insert(0, jnp.where(past_ok[:, None, None, None, :], past, _MASK_VALUE))
             values.insert(0, cv.astype(x.dtype))
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(x.dtype)
+        probs = probs.reshape(B, c.n_kv_heads, T * group, -1)
         splits = [s.shape[-1] for s in scores][:-1]
         parts = jnp.split(probs, splits, axis=-1) if splits else [probs]
-        out = sum(jnp.einsum("bkgts,bskh->btkgh", p_, v_) for p_, v_ in zip(parts, values))
+        out = sum(jnp.einsum("bkqs,bskh->bkqh", p_, v_) for p_, v_ in zip(parts, values))
+        out = out.reshape(B, c.n_kv_heads, T, group, c.head_dim).transpose(0, 2, 1, 3, 4)
         return dense(c.d_model, c.out_bias, "o")(out.reshape(B, T, -1)), (k, v)
 
 
