@@ -1,0 +1,1 @@
+"""Pallas kernels for jtrust, each beside a plain jax.numpy reference with the same signature."""
