@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtrust.features import standardize
 from kernels.gaussian_gram import gaussian_gram, gaussian_gram_reference
 
 
@@ -68,13 +69,6 @@ def hsic_biased(a: jax.Array, b: jax.Array, sigma: float) -> jax.Array:
     centre = lambda K: K - K.mean(axis=0, keepdims=True)  # H K
     # trace(Ka H Kb H) = sum((H Ka)^T * (H Kb)) elementwise, using symmetry of the Grams
     return jnp.sum(centre(Ka) * centre(Kb).T) / (n - 1) ** 2
-
-
-def standardize(z: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance per feature (constant features stay 0). z [n, d] -> [n, d]."""
-    z = np.asarray(z, np.float32)
-    std = z.std(0)
-    return (z - z.mean(0)) / np.where(std > 0, std, 1)
 
 
 class InformationPlane(NamedTuple):

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from jtrust.features import standardize
+
 
 class ProbeResult(NamedTuple):
     accuracy: np.ndarray  # [n_layers] test accuracy
@@ -78,8 +80,7 @@ def probe_layers(features: np.ndarray, labels: np.ndarray, split: str = "order",
                          f"got {features.shape}")
     if set(np.unique(labels).tolist()) != {0, 1}:
         raise ValueError("labels must contain both classes 0 and 1")
-    std = features.std(1, keepdims=True)
-    z = (features - features.mean(1, keepdims=True)) / np.where(std > 0, std, 1)
+    z = standardize(features)
     train, test = split_indices(labels.shape[0], split, seed=seed)
     y = jnp.asarray(labels, jnp.float32)
     theta = jax.vmap(fit_logistic, in_axes=(0, None, None))(jnp.asarray(z[:, train]), y[train], c)
