@@ -15,6 +15,7 @@ loads read the cached orbax checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -210,7 +211,7 @@ def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
     cached = cache_root() / "converted" / digest
     cache = cache and jax.process_count() == 1  # processes of one run would race on the cache
     if cache and (cached / JTRUST_MARKER).exists():
-        return _renamed(read_jtrust_dir(cached), name)
+        return dataclasses.replace(read_jtrust_dir(cached), name=name)
     if kind == "gguf":
         from jtrust.checkpoints.gguf import read_gguf
         raw = read_gguf(path)
@@ -234,7 +235,3 @@ def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
 def _default_sharding():
     # local: with several processes, jax.devices()[0] belongs to process 0 only
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def _renamed(model: Model, name: str) -> Model:
-    return model.with_params(model.params, name=name)
