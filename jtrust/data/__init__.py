@@ -3,7 +3,8 @@
 `load_texts(name_or_path)` returns `LabelledTexts`: the bundled sets by dimension name
 (reliability, toxicity, privacy, fairness, robustness), checksum-verified; or a
 user's CSV / JSONL file with a `text` (or `statement`) column and an optional
-binary `label` column.
+binary `label` column. `iter_examples` yields the same rows one dict at a time;
+`jtrust.data.builders` serves the bundled sets as tensorflow-datasets builders.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 import hashlib
 import json
 import pathlib
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -66,6 +67,13 @@ def load_texts(name_or_path: str, require_labels: bool = False) -> LabelledTexts
     elif require_labels:
         raise ValueError(f"{path}: no 'label' column; probing needs binary labels 0/1")
     return LabelledTexts(name, texts, labels, digest)
+
+
+def iter_examples(name_or_path: str) -> Iterator[dict]:
+    """{"text": str, "label": int, "index": int} per row of `load_texts(name_or_path)`, in file order."""
+    ds = load_texts(name_or_path, require_labels=True)  # here, so a bad path fails at the call
+    return ({"text": text, "label": label, "index": index}
+            for index, (text, label) in enumerate(zip(ds.texts, ds.labels.tolist())))
 
 
 def _read_rows(path: pathlib.Path) -> list[dict]:
