@@ -38,7 +38,7 @@ from jtrust.tokenizer import Tokenizer
 EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JTRUST_MARKER = "jtrust_config.json"  # present in every directory `convert` writes
-_STEP = re.compile(r"(\d+)")
+_STEP = re.compile(r"step[_-]?(\d+)", re.IGNORECASE)  # else the last number in the name
 
 
 def embedded_gguf_path() -> pathlib.Path:
@@ -87,7 +87,8 @@ def load_series(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Se
                            key=lambda p: (_step(p.name) is None, _step(p.name) or 0, p.name))
     checkpoints = tuple(
         Checkpoint(name=p.name if p.name != "" else str(p), step=_step(p.name),
-                   load=lambda p=p: _load_one(p, name=str(p), cache=cache)) for p in paths)
+                   load=lambda p=p: _load_one(p, name=p.name if len(paths) > 1 else str(p), cache=cache))
+        for p in paths)
     return Series(name=name, checkpoints=checkpoints)
 
 
@@ -199,8 +200,13 @@ def _kind(path: pathlib.Path, strict: bool = True) -> str | None:
 
 
 def _step(name: str) -> int | None:
+    """The training step in a checkpoint's name: after "step" if present (pythia-160m-step300 ->
+    300), else the last number (ckpt_0200 -> 200); None without digits."""
     m = _STEP.search(name)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    numbers = re.findall(r"\d+", name)
+    return int(numbers[-1]) if numbers else None
 
 
 def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:

@@ -79,31 +79,43 @@ def best_layers(rows: list[dict], checkpoint: str) -> dict[str, dict]:
 
 
 def _steering_section(steering: list[dict], plots: pathlib.Path) -> list:
+    """One block per (source -> target, metric, variant), each against its own unsteered run."""
     page = [("h2", "Steering")]
-    for metric in sorted({s["metric"] for s in steering}):
-        cells = [s for s in steering if s["metric"] == metric]
-        base = next((s for s in cells if s["layer"] is None), None)
-        swept = sorted((s for s in cells if s["layer"] is not None), key=lambda s: (s["layer"], s["strength"]))
+    groups = sorted({(s["source"], s["target"], s["metric"], s["variant"]) for s in steering
+                     if s["layer"] is not None})
+    for source, target, metric, variant in groups:
+        base = next((s for s in steering if s["layer"] is None and s["metric"] == metric
+                     and (s["source"], s["target"]) == (source, target)), None)
+        swept = sorted((s for s in steering if s["layer"] is not None and s["metric"] == metric
+                        and (s["source"], s["target"], s["variant"]) == (source, target, variant)),
+                       key=lambda s: (s["layer"], s["strength"]))
         better = "lower" if metric == "toxicity" else "higher"
-        page += [("h3", f"{metric} ({better} is better)"),
+        pair = "" if source == target else f", vectors of {source} steering {target}"
+        page += [("h3", f"{metric} ({better} is better; {variant} vectors{pair})"),
                  ("table", ["layer", "strength", "rate", "95% interval", "perplexity"],
                   [[("unsteered" if s["layer"] is None else str(s["layer"])), f"{s['strength']:g}",
                     f"{s['rate']:.3f}", f"[{s['low']:.3f}, {s['high']:.3f}]", f"{s['perplexity']:.2f}"]
                    for s in ([base] if base else []) + swept])]
-        if base is not None:
-            page.append(("img", _plot_steering(base, swept, metric, plots / f"steering_{metric}.png")))
-            point = choose_point(swept, base, metric)
-            page.append(("p", f"Unsteered rate {base['rate']:.3f} at perplexity {base['perplexity']:.2f}. "
-                         + ("No swept point improves it while keeping perplexity within "
-                            f"{1 + MAX_PERPLEXITY_RISE:.2f}x." if point is None else
-                            f"Best point within {1 + MAX_PERPLEXITY_RISE:.2f}x perplexity: layer "
-                            f"{point['layer']}, strength {point['strength']:g}: rate {point['rate']:.3f} "
-                            f"[{point['low']:.3f}, {point['high']:.3f}] at perplexity "
-                            f"{point['perplexity']:.2f}.")))
-            examples = (point or base)["examples"][:3]
-            page.append(("table", ["prompt", "output", "score"],
-                         [[e["prompt"][:120], e["output"][:200], f"{e['score']:.2f}"] for e in examples]))
+        if base is None:
+            continue
+        name = "_".join(_slug(x) for x in (metric, variant) + ((source, target) if pair else ()))
+        page.append(("img", _plot_steering(base, swept, metric, plots / f"steering_{name}.png")))
+        point = choose_point(swept, base, metric)
+        page.append(("p", f"Unsteered rate {base['rate']:.3f} at perplexity {base['perplexity']:.2f}. "
+                     + ("No swept point improves it while keeping perplexity within "
+                        f"{1 + MAX_PERPLEXITY_RISE:.2f}x." if point is None else
+                        f"Best point within {1 + MAX_PERPLEXITY_RISE:.2f}x perplexity: layer "
+                        f"{point['layer']}, strength {point['strength']:g}: rate {point['rate']:.3f} "
+                        f"[{point['low']:.3f}, {point['high']:.3f}] at perplexity "
+                        f"{point['perplexity']:.2f}.")))
+        examples = (point or base)["examples"][:3]
+        page.append(("table", ["prompt", "output", "score"],
+                     [[e["prompt"][:120], e["output"][:200], f"{e['score']:.2f}"] for e in examples]))
     return page
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in str(text))
 
 
 def _figure(width=6.4, height=4.0):
@@ -147,8 +159,9 @@ def _plot_heatmap(rows, order, path, dim) -> str:
     grid, layers = _grid(rows, order, "accuracy")
     plt, fig = _figure(height=max(2.2, 0.35 * len(order) + 1.6))
     ax = fig.add_subplot()
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower",
-                      extent=(layers[0] - 0.5, layers[-1] + 0.5, -0.5, len(order) - 0.5))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
+    step = max(1, len(layers) // 15)  # columns are the traced layers, which need not be consecutive
+    ax.set_xticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
     ax.set_yticks(range(len(order)), order if len(order) <= 20 else None)
     if len(order) > 20:
         ax.set_yticks([])

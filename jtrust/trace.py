@@ -25,6 +25,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -84,6 +85,8 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
     dims = _check_dims(dims)
     series = models if isinstance(models, Series) else None
     names = series.names if series else [models.name]
+    if steer is not None:
+        _check_steer(steer, names)
     checkpoints = iter(series) if series else iter([models])
     datasets = {d: _dataset(d, options.limit) for d in dims}
     bar = tqdm.tqdm(total=len(names) * len(dims), unit="cell", desc="trace", disable=not progress)
@@ -105,11 +108,14 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
 
 def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, options: TraceOptions,
                  progress: bool) -> None:
-    layers = list(range(model.config.n_layers)) if options.layers is None else list(options.layers)
+    layers = list(range(model.config.n_layers)) if options.layers is None else sorted(set(options.layers))
+    if layers[-1] >= model.config.n_layers or layers[0] < 0:
+        raise ValueError(f"layers {layers} out of range for {model.name}'s {model.config.n_layers} blocks")
     key = dict(format=CELL_FORMAT, checkpoint_hash=model.checkpoint_hash, dataset_sha256=data.sha256,
                n=len(data.texts), layers=layers)
     probe_key = dict(key, split=options.split, seed=options.seed, c=options.c, solver="lbfgs")
-    mi_key = dict(probe_key, mi_samples=options.mi_samples, sigma=options.sigma, estimator=MI_ESTIMATOR)
+    mi_key = dict(key, split=options.split, seed=options.seed, mi_samples=options.mi_samples,
+                  sigma=options.sigma, estimator=MI_ESTIMATOR)
     probe_path = out / "cells" / ckpt / f"{dim}.probe.json"
     mi_path = out / "cells" / ckpt / f"{dim}.mi.json"
     vectors_path = out / "cells" / ckpt / f"{dim}.vectors.npz"
@@ -118,6 +124,7 @@ def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, opt
         return
     acts_dir = out / "activations" / ckpt / dim
     mi_layers = sorted(set(layers) | {0})  # X = block 0's output stands for the input
+    _drop_stale_activations(acts_dir, model, data, mi_layers, options.batch_size)
     acts = extract(model, data.texts, layers=mi_layers, pool="last", batch_size=options.batch_size,
                    out_dir=acts_dir, dataset_name=dim, progress=progress)
     features = np.stack([acts.get("resid_post", l) for l in layers])  # [L, n, d]
@@ -144,6 +151,21 @@ def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, opt
         shutil.rmtree(acts_dir, ignore_errors=True)
 
 
+def _drop_stale_activations(acts_dir: pathlib.Path, model: Model, data, layers: list[int],
+                            batch_size: int) -> None:
+    """The activations folder is the trace's scratch: one left by other settings is removed
+    (extract would refuse to mix them)."""
+    from jtrust.extract import dataset_hash
+    try:
+        manifest = json.loads((acts_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = None
+    wanted = dict(checkpoint_hash=model.checkpoint_hash, dataset_hash=dataset_hash(data.texts),
+                  layers=layers, batch_size=batch_size, pool="last", sites=["resid_post"])
+    if acts_dir.exists() and (manifest is None or any(manifest.get(k) != v for k, v in wanted.items())):
+        shutil.rmtree(acts_dir)
+
+
 def run_steering(source: Model, steer: SteerOptions, out: pathlib.Path, options: TraceOptions,
                  progress: bool = True) -> None:
     """Vectors from `source`, swept over layers x strengths on the target, one cell per point."""
@@ -152,6 +174,12 @@ def run_steering(source: Model, steer: SteerOptions, out: pathlib.Path, options:
     target = source if steer.target is None else load(steer.target)
     if isinstance(target, Series):
         raise ValueError("the steering target must be one checkpoint, not a series")
+    if target.config.d_model != source.config.d_model:
+        raise ValueError(f"cannot steer {target.name} (d_model {target.config.d_model}) with vectors "
+                         f"from {source.name} (d_model {source.config.d_model})")
+    too_deep = [l for l in steer.layers if not 0 <= l < min(source.config.n_layers, target.config.n_layers)]
+    if too_deep:
+        raise ValueError(f"steering layers {too_deep} do not exist in both {source.name} and {target.name}")
     scorer_model = _scorer_model(target)
     root = out / "cells" / "steer" / f"{_safe(source.name)}->{_safe(target.name)}"
     heldout = st.heldout_texts(steer.n_heldout)
@@ -163,15 +191,17 @@ def run_steering(source: Model, steer: SteerOptions, out: pathlib.Path, options:
         vectors = _vectors(source, out, dimension, toward, steer, options)
         prompts = (st.toxicity_prompts if metric == "toxicity" else st.truthfulqa_questions)(steer.n_prompts)
         for layer, strength in points:
-            path = root / metric / ("unsteered.json" if layer is None else f"{layer}_{strength:g}.json")
-            key = dict(format=CELL_FORMAT, source_hash=source.checkpoint_hash,
-                       target_hash=target.checkpoint_hash, variant=steer.variant, layer=layer,
-                       strength=strength, n_prompts=len(prompts), max_new_tokens=steer.max_new_tokens,
-                       n_heldout=steer.n_heldout, limit=options.limit)
+            name = "unsteered" if layer is None else f"{steer.variant}_{layer}_{strength:g}"
+            path = root / metric / f"{name}.json"
+            key = dict(format=CELL_FORMAT, target_hash=target.checkpoint_hash, layer=layer,
+                       strength=strength, prompts=_sha256(prompts), max_new_tokens=steer.max_new_tokens,
+                       n_heldout=steer.n_heldout, scorer=_scorer_hash(metric))
+            if layer is not None:  # the vector itself: its source, rows, variant and sign
+                key.update(variant=steer.variant, vector=_sha256([vectors[layer].tobytes().hex()]))
             if not _cell_done(path, key):
                 s = None if layer is None else st.Steer(layer, vectors[layer], strength)
                 result = st.evaluate(target, metric, prompts, s, scorer_model, steer.max_new_tokens)
-                result.update(layer=layer, strength=strength, variant=steer.variant,
+                result.update(layer=layer, strength=strength, variant=None if layer is None else steer.variant,
                               source=source.name, target=target.name,
                               perplexity=st.perplexity(target, heldout, s))
                 _write_cell(path, key, result)
@@ -209,8 +239,8 @@ def _read_vectors(path: pathlib.Path, key: dict | None) -> dict | None:
         with np.load(path) as f:
             saved = {name: f[name] for name in f.files}
         saved["key"] = json.loads(str(saved["key"]))
-    except (OSError, ValueError, KeyError):
-        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # absent or damaged: recomputed
     if key is not None and saved["key"] != json.loads(json.dumps(key)):
         return None
     return saved
@@ -221,6 +251,17 @@ def _write_vectors(path: pathlib.Path, key: dict, arrays: dict[str, np.ndarray])
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
         np.savez(f, key=np.array(json.dumps(key)), **arrays)
     os.replace(f.name, path)
+
+
+def _sha256(items: Sequence[str]) -> str:
+    import hashlib
+    return hashlib.sha256("\x00".join(items).encode()).hexdigest()[:16]
+
+
+def _scorer_hash(metric: str) -> str:
+    from jtrust.scorers import load_scorer
+    s = load_scorer(metric)
+    return _sha256([s.checkpoint_hash, s.weights.tobytes().hex(), str(s.bias)])
 
 
 def _scorer_model(target: Model) -> Model:
@@ -235,13 +276,32 @@ def _dataset(dim: str, limit: int | None):
     data = load_texts(dim, require_labels=True)
     if limit is not None:
         data = data._replace(texts=data.texts[:limit], labels=data.labels[:limit])
-        if len(set(data.labels.tolist())) < 2:
-            raise ValueError(f"the first {limit} rows of {dim} hold one class only; raise --limit")
+    half, cut = len(data.texts) // 2, int(round(0.8 * len(data.texts)))
+    for rows, use in ((data.labels, "the set"), (data.labels[:half], "the first half (steering vectors)"),
+                      (data.labels[:cut], "the first 80% (probe training)")):
+        if len(set(rows.tolist())) < 2:
+            raise ValueError(f"{use} of {dim}{f' cut to {limit} rows' if limit else ''} holds one "
+                             "class only; raise --limit")
     return data
 
 
+def _check_steer(steer: SteerOptions, names: list[str]) -> None:
+    """Fail before hours of tracing, not after."""
+    from jtrust.steer import METRICS, VARIANTS
+    unknown = [m for m in steer.metrics if m not in METRICS]
+    if unknown or not steer.metrics:
+        raise ValueError(f"unknown steering metrics {unknown}; choose from {sorted(METRICS)}")
+    if steer.variant not in VARIANTS:
+        raise ValueError(f"steering variant must be one of {VARIANTS}, not {steer.variant!r}")
+    if steer.source is not None and steer.source not in names:
+        raise ValueError(f"--steer-from {steer.source!r} is not a checkpoint of this run: {names}")
+    if not steer.layers or not steer.strengths:
+        raise ValueError("steering needs at least one layer and one strength")
+
+
 def _check_dims(dims: Sequence[str]) -> list[str]:
-    dims = list(TRUST_DATASETS) if list(dims) == ["all"] else list(dims)
+    dims = [d.strip() for d in dims if d.strip()]
+    dims = list(TRUST_DATASETS) if dims == ["all"] else list(dict.fromkeys(dims))
     unknown = [d for d in dims if d not in TRUST_DATASETS]
     if unknown or not dims:
         raise ValueError(f"unknown dimensions {unknown}; choose from {list(TRUST_DATASETS)} or 'all'")

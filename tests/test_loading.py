@@ -121,3 +121,11 @@ def test_incomplete_jtrust_dir(tiny_checkpoints, tmp_path):
     shutil.rmtree(dst / "params")
     with pytest.raises(FileNotFoundError, match="not a complete jtrust checkpoint"):
         jtrust.load(dst)
+
+
+def test_series_step_numbers():
+    from jtrust.loading import _step
+    assert _step("pythia-160m-step20000") == 20000  # the number after "step", not the first
+    assert _step("pythia-160m-step300") == 300
+    assert _step("ckpt_0200") == 200  # else the last number
+    assert _step("final") is None

@@ -4,6 +4,7 @@ computes independently, resume after a crash, and the report's files."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -19,7 +20,7 @@ from conftest import make_tiny_hf_dir
 
 DIMS = ("fairness", "toxicity")
 LIMIT = 100
-STEPS = (0, 10, 100)
+STEPS = (0, 20, 100)  # numeric order differs from alphabetical (step100 < step20)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_rerun_resumes_and_recomputes_only_missing_cells(series, traced, tmp_pat
     out, _, options = traced
     cells = sorted((out / "cells").rglob("*.json"))
     before = {p: (p.stat().st_mtime_ns, p.read_text()) for p in cells}
-    removed = out / "cells" / "step10" / "toxicity.mi.json"
+    removed = out / "cells" / "step20" / "toxicity.mi.json"
     removed.unlink()
     calls = []
     real = tr.information_plane
@@ -140,7 +141,6 @@ def test_rerun_resumes_and_recomputes_only_missing_cells(series, traced, tmp_pat
         tr.trace(jtrust.load(series[0]), DIMS, fresh, options, progress=False)
     done = sorted((fresh / "cells").rglob("*.json"))
     assert len(done) == 4  # probe + MI of step0 x (fairness, toxicity)
-    assert not list((fresh / "cells").rglob("*.tmp"))
     monkeypatch.setattr(tr, "probe_layers", real_probe)
     tr.trace(jtrust.load(series[0]), DIMS, fresh, options, progress=False)
     for p in (out / "cells").rglob("*.json"):
@@ -153,3 +153,25 @@ def test_bad_dimension_and_single_class_limit(series, tmp_path):
         tr.trace(model, ["honesty"], tmp_path, progress=False)
     with pytest.raises(ValueError, match="one class"):
         tr.trace(model, ["reliability"], tmp_path, tr.TraceOptions(limit=1), progress=False)
+
+
+def test_mi_on_a_seeded_subset_of_training_rows(series, tmp_path):
+    root, torch_models = series
+    model = jtrust.load(root / "step0")
+    options = tr.TraceOptions(limit=LIMIT, mi_samples=40, batch_size=16, keep_activations=True)
+    tr.trace(model, ["fairness"], tmp_path, options, progress=False)
+    ckpt = tr._safe(model.name)  # a single checkpoint is named by its path
+    mi = json.loads((tmp_path / "cells" / ckpt / "fairness.mi.json").read_text())["result"]
+    data = load_texts("fairness")
+    feats = hf_last_token_features(torch_models["step0"], model.tokenizer, data.texts[:LIMIT])
+    rows = np.sort(np.random.default_rng(0).choice(int(0.8 * LIMIT), 40, replace=False))
+    assert mi["n"] == 40
+    assert mi["i_xt"][1] == pytest.approx(nhsic_numpy(feats[0][rows], feats[1][rows]), rel=0.01)
+    labels = data.labels[:LIMIT][rows, None].astype(float)
+    assert mi["i_ty"][1] == pytest.approx(nhsic_numpy(feats[1][rows], labels), rel=0.01)
+
+    # other settings into the same --out: stale scratch activations are replaced, cells recomputed
+    (tmp_path / "cells" / ckpt / "fairness.probe.json").unlink()
+    tr.trace(model, ["fairness"], tmp_path, dataclasses.replace(options, batch_size=8), progress=False)
+    assert json.loads((tmp_path / "activations" / ckpt / "fairness" / "manifest.json").read_text())[
+        "batch_size"] == 8

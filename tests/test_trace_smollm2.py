@@ -39,7 +39,18 @@ def check_against_sklearn(out, rows, dims, limit=None):
             assert abs(float(r["accuracy"]) - expected) <= 0.01 + 1e-9, (dim, r["layer"])
 
 
-def test_small_trace_with_steering(tmp_path):
+def test_small_trace_with_steering(tmp_path, monkeypatch):
+    from jtrust import steer as st
+    from jtrust.data import load_texts
+    used = {}
+    real_evaluate = st.evaluate
+
+    def recording(model, metric, prompts, steer, *args, **kwargs):
+        if steer is not None:
+            used[metric] = steer
+        return real_evaluate(model, metric, prompts, steer, *args, **kwargs)
+
+    monkeypatch.setattr(st, "evaluate", recording)
     dims = ("toxicity", "reliability")
     rows, steering = run(tmp_path, "--dims", ",".join(dims), "--layers", "0,15,29", "--limit", "120",
                          "--keep-activations", "--steer", "--steer-layers", "15", "--steer-strengths", "2",
@@ -48,12 +59,20 @@ def test_small_trace_with_steering(tmp_path):
     check_against_sklearn(tmp_path, rows, dims, limit=120)
     assert sorted((s["metric"], s["layer"]) for s in steering) == [
         ("toxicity", ""), ("toxicity", "15"), ("truthfulness", ""), ("truthfulness", "15")]
+    # toxicity steers from toxic (1) to benign (0), truthfulness from false (0) to true (1)
+    for metric, dim, toward in (("toxicity", "toxicity", 0), ("truthfulness", "reliability", 1)):
+        acts = load_activations(tmp_path / "activations" / "smollm2" / dim).get("resid_post", 15)
+        labels = load_texts(dim).labels[:120]
+        expected = st.mass_mean_vector(acts[:60], labels[:60], "code", toward=toward)
+        np.testing.assert_allclose(used[metric].vector, expected, rtol=1e-4, atol=1e-5)
+        assert used[metric].layer == 15 and used[metric].strength == 2.0
     cells = {(s["metric"], s["layer"]): s for s in steering}
     for metric in ("toxicity", "truthfulness"):  # the vector changes what the model says
         base, steered = cells[(metric, "")], cells[(metric, "15")]
         assert float(steered["perplexity"]) != pytest.approx(float(base["perplexity"]), rel=1e-3)
     page = (tmp_path / "report.html").read_text()
-    assert "plots/steering_toxicity.png" in page and (tmp_path / "plots/steering_truthfulness.png").exists()
+    assert "plots/steering_toxicity_code.png" in page
+    assert (tmp_path / "plots/steering_truthfulness_code.png").exists()
 
 
 @pytest.mark.slow
