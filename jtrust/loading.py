@@ -6,6 +6,7 @@ A spec is
   path/to/hf_dir                 a Hugging Face directory (config.json, safetensors, tokenizer.json)
   path/to/jtrust_dir             a directory written by `convert` (orbax parameters)
   path/to/series_dir             a directory of checkpoints (step1000/, step2000/, ...) -> Series
+  path/to/run_dir                a `jtrust.train` run (checkpoints/<step>/params) -> Series
   [spec, spec, ...]              an explicit series, in the given order -> Series
 
 Loading a GGUF or Hugging Face source converts it once into the cache
@@ -38,6 +39,7 @@ from jtrust.tokenizer import Tokenizer
 EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JTRUST_MARKER = "jtrust_config.json"  # present in every directory `convert` writes
+RUN_MARKER = "jtrust_run.json"  # present in every directory `jtrust.train` writes
 _STEP = re.compile(r"step[_-]?(\d+)", re.IGNORECASE)  # else the last number in the name
 
 
@@ -80,6 +82,8 @@ def load_series(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Se
     else:
         root = _resolve(spec)
         name = str(spec)
+        if (root / RUN_MARKER).exists():
+            return _run_series(root)
         if _kind(root) != "series":
             paths = [root]
         else:
@@ -130,7 +134,6 @@ def save(model: Model, dst: pathlib.Path, source: str = "") -> None:
 
 
 def read_jtrust_dir(path: pathlib.Path) -> Model:
-    import orbax.checkpoint as ocp
     for required in (JTRUST_MARKER, "tokenizer.json", "jtrust_tokenizer.json", "params"):
         if not (path / required).exists():
             raise FileNotFoundError(f"{path / required} is missing: {path} is not a complete jtrust "
@@ -139,16 +142,51 @@ def read_jtrust_dir(path: pathlib.Path) -> Model:
     tokenizer = Tokenizer.from_files((path / "tokenizer.json").read_text(),
                                      (path / "jtrust_tokenizer.json").read_text())
     source = json.loads((path / "source.json").read_text()) if (path / "source.json").exists() else {}
+    params = restore_params(path / "params", config, path / JTRUST_MARKER)
+    return Model(config, params, tokenizer, name=source.get("name", str(path)),
+                 checkpoint_hash=source.get("checkpoint_hash") or content_hash(path))
+
+
+def restore_params(params_dir: pathlib.Path, config: ModelConfig, config_path: pathlib.Path):
+    """Orbax parameters for `config`, committed to the first local device."""
+    import orbax.checkpoint as ocp
     sharding = _default_sharding()
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
     try:
-        params = ocp.StandardCheckpointer().restore(path / "params", target)
+        return ocp.StandardCheckpointer().restore(params_dir.absolute(), target)
     except Exception as e:  # orbax raises many types; the user needs the path and the cause
-        raise ValueError(f"{path / 'params'}: cannot restore parameters for the config in "
-                         f"{path / JTRUST_MARKER} ({type(e).__name__}: {e})") from e
-    return Model(config, params, tokenizer, name=source.get("name", str(path)),
-                 checkpoint_hash=source.get("checkpoint_hash") or content_hash(path))
+        raise ValueError(f"{params_dir}: cannot restore parameters for the config in "
+                         f"{config_path} ({type(e).__name__}: {e})") from e
+
+
+def run_steps(root: pathlib.Path) -> list[int]:
+    """The finished checkpoints of a training run, in step order (orbax renames a step's
+    temporary directory to its bare number only once it is complete)."""
+    ckpts = root / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def read_run_checkpoint(root: pathlib.Path, step: int) -> Model:
+    """One step of a `jtrust.train` run as a Model named "step<N>"."""
+    manifest = json.loads((root / RUN_MARKER).read_text())
+    config = ModelConfig.from_dict(manifest["model_config"])
+    tokenizer = Tokenizer.from_files((root / "tokenizer.json").read_text(),
+                                     (root / "jtrust_tokenizer.json").read_text())
+    params_dir = root / "checkpoints" / str(step) / "params"
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir} is missing: step {step} of {root} was not saved "
+                                f"(saved steps: {run_steps(root)})")
+    params = restore_params(params_dir, config, root / RUN_MARKER)
+    return Model(config, params, tokenizer, name=f"step{step}", checkpoint_hash=content_hash(params_dir))
+
+
+def _run_series(root: pathlib.Path) -> Series:
+    steps = run_steps(root)
+    if not steps:
+        raise ValueError(f"{root} is a training run without finished checkpoints yet")
+    return Series(name=str(root), checkpoints=tuple(
+        Checkpoint(name=f"step{s}", step=s, load=lambda s=s: read_run_checkpoint(root, s)) for s in steps))
 
 
 def content_hash(path: pathlib.Path) -> str:
@@ -188,6 +226,8 @@ def _kind(path: pathlib.Path, strict: bool = True) -> str | None:
         return None
     if (path / JTRUST_MARKER).exists():
         return "jtrust"
+    if (path / RUN_MARKER).exists():
+        return "series"
     if (path / "config.json").exists():
         return "hf"
     subdirs = [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []

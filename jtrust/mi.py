@@ -156,3 +156,28 @@ def information_plane(x: np.ndarray, layers: np.ndarray, y: np.ndarray, sigma: f
         i_xt.append(float(_trace_of_product(r_x, r_t)))
         i_ty.append(float(_trace_of_product(r_t, r_y)))
     return InformationPlane(np.array(i_xt), np.array(i_ty))
+
+
+class Phases(NamedTuple):
+    """A layer's path through the information plane over training (see `fitting_compression`)."""
+
+    two_phases: bool
+    peak_step: int  # the step where I(X;T) is largest: end of fitting, start of compression
+    rise: float  # I(X;T) at the peak minus at the first checkpoint, relative to the peak
+    fall: float  # I(X;T) at the peak minus at the last checkpoint, relative to the peak
+    ty_change: float  # I(T;Y) at the last checkpoint minus at the peak (>= 0: kept rising)
+
+
+def fitting_compression(steps, i_xt, i_ty, min_change: float = 0.05) -> Phases:
+    """The two phases of TracingLLM (REFERENCE section 1) in one layer's trajectories [K] over
+    training steps: I(X;T) rises to an interior peak by at least `min_change` of the peak
+    (fitting), then falls by at least as much (compression), while I(T;Y) at the end is not
+    below its value at the peak."""
+    i_xt, i_ty = np.asarray(i_xt, float), np.asarray(i_ty, float)
+    k = int(np.argmax(i_xt))
+    peak = i_xt[k]
+    rise = (peak - i_xt[0]) / abs(peak)
+    fall = (peak - i_xt[-1]) / abs(peak)
+    ty_change = float(i_ty[-1] - i_ty[k])
+    found = 0 < k < len(i_xt) - 1 and rise >= min_change and fall >= min_change and ty_change >= 0
+    return Phases(bool(found), int(steps[k]), float(rise), float(fall), ty_change)

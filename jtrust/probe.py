@@ -26,7 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
+
+from jtrust.bounds import clopper_pearson
 
 HISTORY = 10  # L-BFGS correction pairs (scipy's and so sklearn's default)
 NEWTON_STEPS = 15
@@ -53,15 +54,6 @@ def split_indices(n: int, split: str = "order", train_fraction: float = 0.8, see
         raise ValueError(f"split must be 'order' or 'shuffled', not {split!r}")
     cut = int(round(train_fraction * n))
     return order[:cut], order[cut:]
-
-
-def clopper_pearson(k: np.ndarray, n: int, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Exact binomial interval for k successes of n trials (arrays of k)."""
-    k = np.asarray(k)
-    a = (1 - confidence) / 2
-    low = np.where(k == 0, 0.0, stats.beta.ppf(a, k, n - k + 1))
-    high = np.where(k == n, 1.0, stats.beta.ppf(1 - a, k + 1, n - k))
-    return low, high
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))

@@ -22,8 +22,10 @@ STEER_FIELDS = ("metric", "source", "target", "variant", "layer", "strength", "r
                 "mean_score", "n", "perplexity")
 
 
-def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: Sequence[str]) -> pathlib.Path:
-    """Tables, plots and report.{md,html} under out_dir; returns the HTML page's path."""
+def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: Sequence[str],
+                 steps: Sequence[int | None] | None = None) -> pathlib.Path:
+    """Tables, plots and report.{md,html} under out_dir; returns the HTML page's path.
+    `steps` (training step per checkpoint) adds plots against step and the two-phase analysis."""
     from jtrust.trace import DIMENSION_TITLES, _safe, read_cells
     out = pathlib.Path(out_dir)
     order = [_safe(c) for c in checkpoints]
@@ -45,15 +47,21 @@ def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: S
                 f"[{b['low']:.3f}, {b['high']:.3f}]", str(b["n_test"])] for d, b in best.items()])]
     if rows:
         page += [("h2", "Probe accuracy over layers"), ("img", _plot_accuracy(rows, order[-1], plots))]
+    by_step = steps is not None and len(order) > 1 and all(s is not None for s in steps)
+    if by_step and rows and all(r["i_xt"] is not None for r in rows):
+        page += _phases_section(rows, order, list(steps), dims)
     for dim in dims:
         dim_rows = [r for r in rows if r["dimension"] == dim]
         if not dim_rows:
             continue
         page += [("h2", DIMENSION_TITLES.get(dim, dim)),
                  ("img", _plot_heatmap(dim_rows, order, plots / f"accuracy_{dim}.png", dim))]
+        if by_step:
+            page.append(("img", _plot_over_steps(dim_rows, order, list(steps), plots / f"steps_{dim}.png", dim)))
         if all(r["i_xt"] is not None for r in dim_rows):
             page += [("img", _plot_mi(dim_rows, order, plots / f"mi_{dim}.png", dim)),
-                     ("img", _plot_plane(dim_rows, order, plots / f"infoplane_{dim}.png", dim))]
+                     ("img", _plot_plane(dim_rows, order, plots / f"infoplane_{dim}.png", dim,
+                                         steps if by_step else None))]
     if steering:
         page += _steering_section(steering, plots)
     page += [("h2", "Notes"),
@@ -184,7 +192,58 @@ def _plot_mi(rows, order, path, dim) -> str:
     return _save(plt, fig, path)
 
 
-def _plot_plane(rows, order, path, dim) -> str:
+def _phases_section(rows, order, steps, dims) -> list:
+    """Where the fitting and compression phases appear (jtrust.mi.fitting_compression)."""
+    from jtrust.mi import fitting_compression
+    table, found = [], {}
+    for dim in dims:
+        dim_rows = [r for r in rows if r["dimension"] == dim]
+        if not dim_rows:
+            continue
+        xt, layers = _grid(dim_rows, order, "i_xt")
+        ty, _ = _grid(dim_rows, order, "i_ty")
+        for j, layer in enumerate(layers):
+            if layer == 0:  # X is block 0's output: I(X;T_0) is I(X;X)
+                continue
+            ph = fitting_compression(steps, xt[:, j], ty[:, j])
+            table.append([dim, str(layer), "yes" if ph.two_phases else "no", str(ph.peak_step),
+                          f"{ph.rise:+.3f}", f"{ph.fall:+.3f}", f"{ph.ty_change:+.4f}"])
+            if ph.two_phases:
+                found.setdefault(dim, []).append((layer, ph.peak_step))
+    if found:
+        summary = "The two phases appear for " + "; ".join(
+            f"{dim} at layers {', '.join(str(l) for l, _ in v)} (compression from step "
+            f"{', '.join(str(s) for _, s in v)})" for dim, v in found.items()) + "."
+    else:
+        summary = "The two phases do not appear at any layer (see the table and the plots for what does happen)."
+    return [("h2", "Fitting and compression (two phases)"),
+            ("p", summary + " Rule: I(X;T) rises to an interior peak by at least 5% of the peak "
+                            "(fitting), then falls by at least 5% (compression), while I(T;Y) at the "
+                            "last checkpoint is not below its value at the peak. Rise and fall are "
+                            "relative to the peak; layer 0 is X itself and is left out."),
+            ("table", ["dimension", "layer", "two phases", "I(X;T) peak step", "rise", "fall",
+                       "I(T;Y) after peak"], table)]
+
+
+def _plot_over_steps(rows, order, steps, path, dim) -> str:
+    """Accuracy, I(X;T), I(T;Y) against training step, one line per layer."""
+    plt, fig = _figure(width=12.0, height=3.6)
+    layers = sorted({r["layer"] for r in rows})
+    colours = plt.cm.plasma(np.linspace(0, 0.9, len(layers)))
+    for k, (field, label) in enumerate((("accuracy", "probe accuracy"), ("i_xt", "I(X;T) (nHSIC)"),
+                                        ("i_ty", "I(T;Y) (nHSIC)"))):
+        ax = fig.add_subplot(1, 3, k + 1)
+        grid, _ = _grid(rows, order, field)
+        for j, layer in enumerate(layers):
+            ax.plot(steps, grid[:, j], color=colours[j], marker=".", markersize=3, label=f"layer {layer}")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set(xlabel="training step", ylabel=label, title=f"{dim}: {label}")
+        if k == 0:
+            ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _plot_plane(rows, order, path, dim, steps=None) -> str:
     plt, fig = _figure(width=6.0, height=5.0)
     ax = fig.add_subplot()
     xt, layers = _grid(rows, order, "i_xt")
@@ -195,11 +254,20 @@ def _plot_plane(rows, order, path, dim) -> str:
     else:  # a trajectory per layer, coloured by training order
         for j in range(len(layers)):
             ax.plot(xt[:, j], ty[:, j], color="0.7", linewidth=0.8, zorder=1)
-        steps = np.repeat(np.arange(len(order))[:, None], len(layers), axis=1)
-        points = ax.scatter(xt.ravel(), ty.ravel(), c=steps.ravel(), cmap="viridis", s=12, zorder=2)
-        bar = fig.colorbar(points, ax=ax, label="checkpoint")
-        ticks = sorted({0, len(order) - 1})
-        bar.set_ticks(ticks, labels=[order[t] for t in ticks])
+        if steps is None:  # colour by position in the series
+            colour = np.repeat(np.arange(len(order))[:, None], len(layers), axis=1)
+            points = ax.scatter(xt.ravel(), ty.ravel(), c=colour.ravel(), cmap="viridis", s=12, zorder=2)
+            bar = fig.colorbar(points, ax=ax, label="checkpoint")
+            ticks = sorted({0, len(order) - 1})
+            bar.set_ticks(ticks, labels=[order[t] for t in ticks])
+        else:  # colour by training step, log scale (the series is dense early)
+            import matplotlib.colors
+            colour = np.repeat(np.asarray(steps, float)[:, None] + 1, len(layers), axis=1)
+            points = ax.scatter(xt.ravel(), ty.ravel(), c=colour.ravel(), cmap="viridis", s=12, zorder=2,
+                                norm=matplotlib.colors.LogNorm())
+            fig.colorbar(points, ax=ax, label="training step + 1")
+            for j, layer in enumerate(layers):
+                ax.annotate(f"L{layer}", (xt[-1, j], ty[-1, j]), fontsize=7)
     ax.set(xlabel="I(X;T) (nHSIC)", ylabel="I(T;Y) (nHSIC)", title=f"{dim}: information plane")
     return _save(plt, fig, path)
 

@@ -65,7 +65,8 @@ import numpy as np
 from jtrust.data import BUNDLED, _verified_sha256
 from jtrust.extract import extract
 from jtrust.model import Model
-from jtrust.probe import clopper_pearson, fit_logistic
+from jtrust.bounds import clopper_pearson
+from jtrust.probe import fit_logistic
 
 FORMAT = "jtrust-scorer/1"
 SCORER_DIR = BUNDLED / "scorers"

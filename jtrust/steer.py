@@ -26,7 +26,7 @@ from jtrust.extract import extract
 from jtrust.generate import generate, sequence_logprobs
 from jtrust.model import Model
 from jtrust.models.interventions import Intervention, at_layer
-from jtrust.probe import clopper_pearson
+from jtrust.bounds import clopper_pearson
 
 VARIANTS = ("paper", "code")
 # metric -> (dataset the vector comes from, label the vector points toward: toxicity steers to benign)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Iterable
 
 import jinja2
 import numpy as np
@@ -57,6 +58,23 @@ class Tokenizer:
         meta = json.loads(meta_json)
         meta["stop_ids"] = tuple(meta.get("stop_ids", ()))
         return cls(backend=tokenizers.Tokenizer.from_str(tokenizer_json), **meta)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on `texts` (Hugging Face `tokenizers`), for models
+    trained from scratch. Id 0 is <|endoftext|>: document separator, stop and padding token.
+    `lowercase` folds every input to lower case first (for models trained on lowercased text).
+    Any text can be encoded: unseen characters fall back to bytes."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    backend = tokenizers.Tokenizer(models.BPE())
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend, bos_id=0, eos_id=0, pad_id=0, stop_ids=(0,))
 
 
 def pad(sequences: list[list[int]], pad_id: int, length: int | None = None, side: str = "right",

@@ -103,7 +103,8 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
         if steer_source is None:
             raise ValueError(f"steering source {steer.source!r} is not a checkpoint of this run: {names}")
         run_steering(steer_source, steer, out, options, progress)
-    return write_report(out, names, dims)
+    steps = [c.step for c in series.checkpoints] if series else None
+    return write_report(out, names, dims, steps)
 
 
 def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, options: TraceOptions,

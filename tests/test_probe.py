@@ -9,7 +9,8 @@ from sklearn.linear_model import LogisticRegression
 
 import jtrust
 from jtrust.data import load_texts
-from jtrust.probe import clopper_pearson, fit_logistic, probe_layers, split_indices
+from jtrust.bounds import clopper_pearson
+from jtrust.probe import fit_logistic, probe_layers, split_indices
 
 
 def sklearn_accuracy(z, labels, train, test):

@@ -28,6 +28,11 @@ TRUST_DATASETS = {
     "robustness": ("tracingllm/sst2.csv", "perturbed", "clean"),
 }
 _TEXT_COLUMNS = ("text", "statement", "prompt", "question", "Question")
+# pre-training text (see LICENSES/NOTICE.md): the train head is lowercased as shipped upstream
+CORPORA = {
+    "tinystories_train": "corpus/tinystories/tinystories_train_head_lowercase.txt",
+    "tinystories_val": "corpus/tinystories/tinystories_val_head.txt",
+}
 
 
 class LabelledTexts(NamedTuple):
@@ -102,6 +107,31 @@ def _binary_labels(values, path) -> np.ndarray:
     if len(found) < 2:
         raise ValueError(f"{path}: every label is {found.pop()}; a probe needs both classes")
     return labels
+
+
+def corpus_paragraphs(name: str) -> list[str]:
+    """The paragraphs (blank-line separated) of a bundled corpus, checksum-verified."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
+    path = BUNDLED / CORPORA[name]
+    _verified_sha256(path)
+    text = path.read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+TOFU_SETS = ("forget01", "retain99", "real_authors_perturbed", "world_facts_perturbed")
+
+
+def tofu(name: str) -> list[dict]:
+    """A bundled TOFU set (see LICENSES/NOTICE.md) as a list of {'question', 'answer', ...}
+    records, checksum-verified. forget01 (40) + retain99 (3960) is the full fictitious-author
+    set; real_authors_perturbed (100) and world_facts_perturbed (117) measure utility."""
+    if name not in TOFU_SETS:
+        raise ValueError(f"unknown TOFU set {name!r}; choose from {TOFU_SETS}")
+    path = BUNDLED / "tofu" / f"{name}.json"
+    _verified_sha256(path)
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
 def _clean(text: str) -> str:
