@@ -70,3 +70,14 @@ def test_tofu_unlearning_small(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()}
     tofu_unlearning.main(argv)
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").iterdir()} == before
+
+
+@pytest.mark.slow
+def test_tofu_unlearning_full_config(tmp_path):
+    """The README's case study (about 80 minutes here): fine-tuning must teach the forget set."""
+    config = ROOT / "experiments" / "configs" / "tofu_smollm2.json"
+    tofu_unlearning.main(["--config", str(config), "--out", str(tmp_path / "run")])
+    finetuned = json.loads((tmp_path / "run" / "eval" / "finetuned.json").read_text())
+    base = json.loads((tmp_path / "run" / "eval" / "base.json").read_text())
+    assert finetuned["forget"]["rougeL"] > 0.9 > base["forget"]["rougeL"]
+    assert (tmp_path / "run" / "report.md").exists()
