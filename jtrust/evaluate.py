@@ -269,19 +269,20 @@ def plot_scores(ev: Evaluation, path: str | os.PathLike, max_prompts: int = 40) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shown = ev.results[:max_prompts]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(shown) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(shown) + 2), 4.4))
     rng = np.random.default_rng(0)
     for i, r in enumerate(shown):
         ax.scatter(i + rng.uniform(-0.25, 0.25, len(r.scores)), r.scores, s=4, alpha=0.25, color="tab:blue")
         ax.plot([i - 0.3, i + 0.3], [r.summary.mean] * 2, color="tab:blue", lw=2)
         ax.plot([i - 0.3, i + 0.3], [r.summary.mean_upper] * 2, color="black", lw=1.5)
         ax.scatter([i], [r.greedy_score], marker="x", color="red", s=40, zorder=3)
+    ax.set_xticks(range(len(shown)))
     ax.set_xlabel("prompt")
     ax.set_ylabel(f"score ({ev.settings['scorer']})")
     ax.set_ylim(-0.05, 1.05)
     a = ev.aggregate
     ax.set_title(f"n = {ev.settings['n']} samples per prompt; greedy {a['greedy']:.3f}, sample mean "
-                 f"{a['mean']:.3f}, mean bound {a['mean_upper']:.3f} (alpha {ev.settings['alpha']})\n"
+                 f"{a['mean']:.3f},\nupper bound on the mean {a['mean_upper']:.3f} (alpha {ev.settings['alpha']})\n"
                  "x greedy, blue line sample mean, black line upper bound on the mean", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
