@@ -83,8 +83,7 @@ def main(argv=None) -> None:
 def _tokenizer(out: pathlib.Path, cfg: dict) -> Tokenizer:
     """The run's tokenizer if it exists (a resumed run must not retrain it), else a new one."""
     if (out / RUN_MARKER).exists():
-        return Tokenizer.from_files((out / "tokenizer.json").read_text(),
-                                    (out / "jtrust_tokenizer.json").read_text())
+        return Tokenizer.from_dir(out)
     return train_bpe(corpus_paragraphs(cfg["corpus"]["train"]), cfg["tokenizer"]["vocab_size"],
                      lowercase=cfg["tokenizer"]["lowercase"])
 

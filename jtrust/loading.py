@@ -139,8 +139,7 @@ def read_jtrust_dir(path: pathlib.Path) -> Model:
             raise FileNotFoundError(f"{path / required} is missing: {path} is not a complete jtrust "
                                     "checkpoint; re-create it with `jtrust convert`")
     config = ModelConfig.from_dict(json.loads((path / JTRUST_MARKER).read_text()))
-    tokenizer = Tokenizer.from_files((path / "tokenizer.json").read_text(),
-                                     (path / "jtrust_tokenizer.json").read_text())
+    tokenizer = Tokenizer.from_dir(path)
     source = json.loads((path / "source.json").read_text()) if (path / "source.json").exists() else {}
     params = restore_params(path / "params", config, path / JTRUST_MARKER)
     return Model(config, params, tokenizer, name=source.get("name", str(path)),
@@ -171,8 +170,7 @@ def read_run_checkpoint(root: pathlib.Path, step: int) -> Model:
     """One step of a `jtrust.train` run as a Model named "step<N>"."""
     manifest = json.loads((root / RUN_MARKER).read_text())
     config = ModelConfig.from_dict(manifest["model_config"])
-    tokenizer = Tokenizer.from_files((root / "tokenizer.json").read_text(),
-                                     (root / "jtrust_tokenizer.json").read_text())
+    tokenizer = Tokenizer.from_dir(root)
     params_dir = root / "checkpoints" / str(step) / "params"
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir} is missing: step {step} of {root} was not saved "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 from typing import Iterable
 
 import jinja2
@@ -52,6 +53,12 @@ class Tokenizer:
         meta = dict(bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, add_bos=self.add_bos,
                     chat_template=self.chat_template, stop_ids=list(self.stop_ids))
         return {"tokenizer.json": self.backend.to_str(), "jtrust_tokenizer.json": json.dumps(meta, indent=2)}
+
+    @classmethod
+    def from_dir(cls, directory) -> "Tokenizer":
+        """The tokenizer `to_files` wrote into a directory."""
+        d = pathlib.Path(directory)
+        return cls.from_files((d / "tokenizer.json").read_text(), (d / "jtrust_tokenizer.json").read_text())
 
     @classmethod
     def from_files(cls, tokenizer_json: str, meta_json: str) -> "Tokenizer":

@@ -171,12 +171,19 @@ def take(examples: Examples, rows: np.ndarray) -> Examples:
 # ---------------------------------------------------------------------------------------------
 # loss and step
 
-def token_loss_sum(params: Any, batch: Examples, *, config: ModelConfig, dtype=jnp.float32,
-                   ) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted next-token NLL, sum of weights) over a batch [B, T]; float32 scalars."""
+def token_log_probs(params: Any, batch: Examples, *, config: ModelConfig, dtype=jnp.float32,
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(next-token log-probabilities [B, T, V], NLL of the targets [B, T]), float32."""
     logits = forward(params, batch.tokens, batch.mask, config=config, dtype=dtype).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch.targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return logp, nll
+
+
+def token_loss_sum(params: Any, batch: Examples, *, config: ModelConfig, dtype=jnp.float32,
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token NLL, sum of weights) over a batch [B, T]; float32 scalars."""
+    _, nll = token_log_probs(params, batch, config=config, dtype=dtype)
     w = batch.weights.astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 
@@ -372,14 +379,15 @@ def train(model: Model, examples: Examples | Mapping[str, Examples], config: Tra
                       out_shardings=(replicated, replicated) if mesh is not None else None)
 
     def save_and_eval(step: int, state: TrainState) -> None:
+        if not (step in save_steps or (config.eval_every and step % config.eval_every == 0)):
+            return  # most steps: no model built, no LoRA merge
         current = _as_model(model, state, frozen, config, step)
-        if step in save_steps or (config.eval_every and step % config.eval_every == 0):
-            record = {"step": step, "kind": "eval"}
-            for evaluate in evals:
-                record.update(evaluate(current))
-            if len(record) > 2:
-                metrics.append(record)
-                _append_metric(out, record)
+        record = {"step": step, "kind": "eval"}
+        for evaluate in evals:
+            record.update(evaluate(current))
+        if len(record) > 2:
+            metrics.append(record)
+            _append_metric(out, record)
         if step in save_steps:
             manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(current.params), state=ocp.args.StandardSave(state)))

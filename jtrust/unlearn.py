@@ -21,8 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jtrust.models.decoder import forward
-from jtrust.train import Examples, Objective
+from jtrust.train import Examples, Objective, token_log_probs
 
 METHODS = ("ga", "gd", "npo")
 
@@ -30,9 +29,7 @@ METHODS = ("ga", "gd", "npo")
 def answer_stats(params, batch: Examples, *, config, dtype=jnp.float32) -> dict:
     """Token-weighted statistics of one batch [B, T]: mean NLL, per-sequence NLL sums [B] and
     the mean next-token entropy over weighted positions (float32)."""
-    logits = forward(params, batch.tokens, batch.mask, config=config, dtype=dtype).logits
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp, nll = token_log_probs(params, batch, config=config, dtype=dtype)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     w = batch.weights.astype(jnp.float32)
     count = jnp.maximum(jnp.sum(w), 1.0)
