@@ -34,6 +34,7 @@ from jtrust import train as T
 from jtrust.data import TRUST_DATASETS, corpus_paragraphs
 from jtrust.loading import RUN_MARKER
 from jtrust.model import Model
+from jtrust.report import save_figure
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import init_params
 from jtrust.tokenizer import Tokenizer, train_bpe
@@ -121,11 +122,7 @@ def _plot_training(metrics: list[dict], path: pathlib.Path) -> None:
     left.legend()
     right.plot([m["step"] for m in evals], [m["val_ppl"] for m in evals], marker=".")
     right.set(xlabel="step", ylabel="perplexity", yscale="log", xscale="symlog", title="validation perplexity")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

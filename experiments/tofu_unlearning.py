@@ -33,6 +33,7 @@ from jtrust.data import tofu
 from jtrust.evaluate import evaluate, rouge_l_recall, write
 from jtrust.generate import Sampling, generate
 from jtrust.model import Model
+from jtrust.report import save_figure
 from jtrust.unlearn import unlearning_objective
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
@@ -187,12 +188,8 @@ def _plot(results: dict, path: pathlib.Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=3)
     ax.set_title("forget questions: greedy vs sampled answers (higher = more leakage)")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

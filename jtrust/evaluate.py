@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from jtrust import bounds
 from jtrust.generate import Sampling, _as_ids, generate
 from jtrust.model import Model
+from jtrust.report import save_figure
 
 # a scorer maps (prompts [B], answers [B][k], references [B] or None) -> scores [B, k] in [0, 1]
 BatchScorer = Callable[[Sequence[str], Sequence[Sequence[str]], Sequence[str] | None], np.ndarray]
@@ -252,7 +253,7 @@ def write(ev: Evaluation, out_dir: str | os.PathLike) -> pathlib.Path:
         {"settings": ev.settings, "aggregate": ev.aggregate, "prompts": per_prompt}, indent=1)))
     _atomic(out / "scores.npz", lambda p: np.savez(p, scores=np.stack([r.scores for r in ev.results]),
                                                    greedy=np.array([r.greedy_score for r in ev.results])))
-    _atomic(out / "scores.png", lambda p: plot_scores(ev, p))
+    plot_scores(ev, out / "scores.png")
     return out / "results.json"
 
 
@@ -284,6 +285,4 @@ def plot_scores(ev: Evaluation, path: str | os.PathLike, max_prompts: int = 40) 
     ax.set_title(f"n = {ev.settings['n']} samples per prompt; greedy {a['greedy']:.3f}, sample mean "
                  f"{a['mean']:.3f},\nupper bound on the mean {a['mean_upper']:.3f} (alpha {ev.settings['alpha']})\n"
                  "x greedy, blue line sample mean, black line upper bound on the mean", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, pathlib.Path(path))

@@ -133,12 +133,18 @@ def _figure(width=6.4, height=4.0):
     return plt, plt.figure(figsize=(width, height))
 
 
-def _save(plt, fig, path: pathlib.Path) -> str:
+def save_figure(fig, path: pathlib.Path) -> None:
+    """Lay out, write as PNG under a temporary name, rename (a crash leaves no half image), close."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _save(plt, fig, path: pathlib.Path) -> str:
+    save_figure(fig, path)
     return f"plots/{path.name}"
 
 
