@@ -19,7 +19,7 @@ case "${1:-}" in
   demo) jtrust demo ;;
   pretrain) python experiments/pretrain.py --config experiments/configs/pretrain_tiny.json ;;
   tofu) python experiments/tofu_unlearning.py --config experiments/configs/tofu_smollm2.json ;;
-  test) python -m pytest -q tests ;;
+  test) lint-imports && python -m pytest -q tests ;;
   "") ;;
   *) echo "usage: bash setup.sh [trace|demo|pretrain|tofu|test]" >&2; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import jtrust
-from jtrust.generate import Sampling, _sample
+from jtrust.runtime.generate import Sampling, _sample
 from jtrust.models.decoder import forward, init_cache
 
 

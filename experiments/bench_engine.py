@@ -29,7 +29,7 @@ import torch
 
 import jtrust
 from jtrust.data import load_texts
-from jtrust.loading import embedded_gguf_path
+from jtrust.io.loading import embedded_gguf_path
 from jtrust.models.decoder import Capture
 
 
@@ -134,7 +134,7 @@ def main():
                                      sampling=sampling)
     t_jt = best_time(jt_gen, args.repeats)
     hf_tok = [tok.encode(p) for p in prompts]
-    ids, am = jtrust.tokenizer.pad(hf_tok, tok.pad_id, side="left")
+    ids, am = jtrust.models.tokenizer.pad(hf_tok, tok.pad_id, side="left")
     ids, am = torch.tensor(ids, dtype=torch.long), torch.tensor(am)
 
     def hf_gen():

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jtrust import mi
+from jtrust.analysis import mi
 
 
 def main():

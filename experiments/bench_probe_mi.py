@@ -5,7 +5,7 @@
 
 Probing (target: >= 10x faster at equal accuracy): all 30 layers of the embedded
 SmolLM2-135M-Instruct on each of the five trust datasets, features resid_post, pool "last".
-  jtrust  `jtrust.probe.probe_layers` per dimension on [30, n, 576] with its default solver,
+  jtrust  `jtrust.analysis.probe.probe_layers` per dimension on [30, n, 576] with its default solver,
           L-BFGS (`--solvers lbfgs,newton` adds solver="newton", the exact but flop-heavy
           reference: slow, see below); the timing covers the host->device transfer,
           standardization, fits and scoring. Reported: the first call (compiles: each
@@ -14,7 +14,7 @@ SmolLM2-135M-Instruct on each of the five trust datasets, features resid_post, p
           dataset, the first 80% of rows to train (the same rows as jtrust), LogisticRegression()
           with its defaults (lbfgs, C = 1, tol 1e-4, max_iter 100), test accuracy; timed once;
           ConvergenceWarnings counted. Same float32 features on both sides.
-nHSIC (target: >= 5x): `jtrust.mi.nhsic` against a numpy transcription of REFERENCE.md's
+nHSIC (target: >= 5x): `jtrust.analysis.mi.nhsic` against a numpy transcription of TracingLLM's
 formula (vectorized distances, K H as K minus its row means, np.linalg.solve), n = --nhsic-n,
 on standardized Gaussian features, d = 576, b depending on a through 64 dimensions; numpy in
 float64 (the natural transcription) and float32 (jtrust's dtype). When a whole extraction
@@ -53,11 +53,11 @@ from sklearn.preprocessing import StandardScaler
 
 import jtrust
 from bench_engine import matmul_peak
-from jtrust import mi
+from jtrust.analysis import mi
 from jtrust.data import TRUST_DATASETS, load_texts
-from jtrust.extract import dataset_hash, extract, load_activations
-from jtrust.features import standardize
-from jtrust.probe import probe_layers, split_indices
+from jtrust.runtime.extract import dataset_hash, extract, load_activations
+from jtrust.analysis.features import standardize
+from jtrust.analysis.probe import probe_layers, split_indices
 
 DEFAULT_ROOT = pathlib.Path(__file__).resolve().parents[1] / "results" / "bench_probe_mi" / "activations"
 SITE = "resid_post"
@@ -284,7 +284,7 @@ def _blas_name(label: str) -> str:
 # ---------------------------------------------------------------- nHSIC
 
 def numpy_nhsic(a: np.ndarray, b: np.ndarray, dtype, sigma: float = 50.0, eps: float = 1e-5) -> float:
-    """REFERENCE.md's nHSIC transcribed to numpy: trace(R_a R_b), R = Kc (Kc + eps n I)^-1."""
+    """TracingLLM's nHSIC transcribed to numpy: trace(R_a R_b), R = Kc (Kc + eps n I)^-1."""
     def operator(z):
         z = np.asarray(z, dtype).reshape(len(z), -1)
         n, d = z.shape

@@ -24,7 +24,7 @@ import torch
 
 import jtrust
 from jtrust.data import load_texts
-from jtrust.loading import embedded_gguf_path
+from jtrust.io.loading import embedded_gguf_path
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_engine import best_time  # noqa: E402

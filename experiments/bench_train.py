@@ -4,7 +4,7 @@
 
 Both sides train the pre-training config's model shape (Llama-like, tied embeddings) from the
 same initial weights on the same random token batches (batch x seq_len from the config):
-  jtrust   `jtrust.train.make_train_step` (AdamW, global-norm clip 1.0), jitted
+  jtrust   `jtrust.training.make_train_step` (AdamW, global-norm clip 1.0), jitted
   pytorch  transformers `LlamaForCausalLM` (its default sdpa attention, the usual recipe), torch.optim.AdamW with the
            same hyper-parameters and clip, `torch.nn.functional.cross_entropy`
 Prints tokens/s for each, the ratio, and each side's FLOP rate as a fraction of this machine's
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_engine import matmul_peak  # noqa: E402
 
-from jtrust import train as T  # noqa: E402
+from jtrust import training as T  # noqa: E402
 from jtrust.models.config import ModelConfig  # noqa: E402
-from jtrust.models.convert import hf_to_params  # noqa: E402
+from jtrust.io.convert import hf_to_params  # noqa: E402
 
 
 def model_config(cfg: dict) -> ModelConfig:

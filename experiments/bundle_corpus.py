@@ -1,10 +1,10 @@
-"""Copy the TinyStories heads from ../shared/data/corpus into jtrust/data/corpus, cleaned.
+"""Copy the TinyStories heads from a source folder into jtrust/data/corpus, cleaned.
 
-The cleaning is the one ../shared/data/corpus/README.md lists: UTF-8 read as cp1252 and
+The cleaning is the one the source's README lists: UTF-8 read as cp1252 and
 re-encoded ("mojibake") is mapped back to ASCII punctuation, then any other non-ASCII
 character is dropped. Run once by a maintainer; users get the result in the package.
 
-    python experiments/bundle_corpus.py --src ../shared/data/corpus
+    python experiments/bundle_corpus.py --src path/to/corpus   # holds tinystories/*.txt
 """
 import argparse
 import hashlib
@@ -33,7 +33,7 @@ def clean(text: str) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="../shared/data/corpus")
+    parser.add_argument("--src", required=True, help="folder holding tinystories/*.txt")
     parser.add_argument("--dst", default=str(pathlib.Path(__file__).parents[1] / "jtrust/data/corpus"))
     args = parser.parse_args()
     sums = []

@@ -3,7 +3,7 @@
     python experiments/train_scorers.py [--toxigen-rows 4000] [--judge-rows 3000] [--out DIR]
 
 Writes jtrust/data/scorers/{toxicity,truthfulness}.{npz,json} (or --out): linear probes on
-SmolLM2-135M-Instruct's residual stream, see `jtrust.scorers`. Both choose pool (mean, last) x
+SmolLM2-135M-Instruct's residual stream, see `jtrust.analysis.scorers`. Both choose pool (mean, last) x
 layer (6, 8, ..., 20) at C = 0.01, then C in (0.001, 0.01, 0.1, 1), on a validation split, and
 report the held-out test accuracy with a 95% Clopper-Pearson interval.
 
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 import jtrust
-from jtrust import scorers
+from jtrust.analysis import scorers
 
 LAYERS = list(range(6, 21, 2))
 POOLS = ("mean", "last")

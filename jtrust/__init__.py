@@ -6,11 +6,11 @@
     out = jtrust.generate(model, ["What is trust?"], max_new_tokens=32, chat=True)
 """
 
-from jtrust import distributed
-from jtrust.extract import Activations, extract, load_activations
-from jtrust.generate import Sampling, generate
-from jtrust.loading import convert, load, load_series
-from jtrust.model import Model, Series
+from jtrust.runtime import distributed
+from jtrust.runtime.extract import Activations, extract, load_activations
+from jtrust.runtime.generate import Sampling, generate
+from jtrust.io.loading import convert, load, load_series
+from jtrust.models.model import Model, Series
 from jtrust.models.decoder import Capture, forward
 from jtrust.models.interventions import Intervention, at_layer
 

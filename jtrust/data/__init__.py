@@ -10,12 +10,13 @@ binary `label` column. `iter_examples` yields the same rows one dict at a time;
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import pathlib
 from typing import Iterator, NamedTuple
 
 import numpy as np
+
+from jtrust.core import store
 
 BUNDLED = pathlib.Path(__file__).parent
 
@@ -26,6 +27,14 @@ TRUST_DATASETS = {
     "privacy": ("tracingllm/confaide.csv", "privacy-violating", "acceptable"),
     "fairness": ("tracingllm/stereoset.csv", "anti-stereotype (related)", "unrelated"),
     "robustness": ("tracingllm/sst2.csv", "perturbed", "clean"),
+}
+# what each dimension's probe separates (fairness is "related vs unrelated", not stereotype detection)
+DIMENSION_TITLES = {
+    "reliability": "reliability: TruthfulQA, true vs false answer",
+    "toxicity": "toxicity: ToxiGen, toxic vs benign",
+    "privacy": "privacy: ConfAIde, violating vs acceptable",
+    "fairness": "fairness: stereoset (related vs unrelated)",
+    "robustness": "robustness: SST-2, perturbed vs clean",
 }
 _TEXT_COLUMNS = ("text", "statement", "prompt", "question", "Question")
 # pre-training text (see LICENSES/NOTICE.md): the train head is lowercased as shipped upstream
@@ -46,14 +55,14 @@ def load_texts(name_or_path: str, require_labels: bool = False) -> LabelledTexts
     """A bundled trust set by dimension name, or a user's .csv / .jsonl / .txt file."""
     if name_or_path in TRUST_DATASETS:
         path = BUNDLED / TRUST_DATASETS[name_or_path][0]
-        digest = _verified_sha256(path)
+        digest = store.verified_sha256(path)
         name = name_or_path
     else:
         path = pathlib.Path(name_or_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no dataset at {path}: pass one of {sorted(TRUST_DATASETS)} or "
                                     "a .csv/.jsonl file with a 'text' column (and 'label' 0/1)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = store.file_hash(path)
         name = path.stem
     rows = _read_rows(path)
     if not rows:
@@ -114,7 +123,7 @@ def corpus_paragraphs(name: str) -> list[str]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose from {sorted(CORPORA)}")
     path = BUNDLED / CORPORA[name]
-    _verified_sha256(path)
+    store.verified_sha256(path)
     text = path.read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
@@ -129,18 +138,10 @@ def tofu(name: str) -> list[dict]:
     if name not in TOFU_SETS:
         raise ValueError(f"unknown TOFU set {name!r}; choose from {TOFU_SETS}")
     path = BUNDLED / "tofu" / f"{name}.json"
-    _verified_sha256(path)
+    store.verified_sha256(path)
     text = path.read_text(encoding="utf-8")
     return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
 def _clean(text: str) -> str:
     return text.replace("_x000D_", "").strip()  # spreadsheet carriage-return leftovers in toxigen
-
-
-def _verified_sha256(path: pathlib.Path) -> str:
-    expected = dict(reversed(line.split()) for line in (path.parent / "SHA256SUMS").read_text().splitlines())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if expected.get(path.name) != digest:
-        raise ValueError(f"{path}: checksum mismatch (the bundled file is damaged); reinstall jtrust")
-    return digest

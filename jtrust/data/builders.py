@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jtrust.data import TRUST_DATASETS, iter_examples
-from jtrust.loading import cache_root
+from jtrust.core.store import cache_root
 
 _SOURCE = {  # dimension -> the benchmark the rows come from
     "reliability": "TruthfulQA (TracingLLM train split)",

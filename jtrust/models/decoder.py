@@ -13,17 +13,23 @@ Parameter pytree (shapes for d = d_model, H = n_heads, K = n_kv_heads, h = head_
   blocks/attn/{q,k,v}/kernel [L, d, H*h | K*h | K*h] (+ bias), attn/o/kernel [L, H*h, d]
   blocks/mlp/{gate,up}/kernel [L, d, f], mlp/down/kernel [L, f, d] (gelu: no gate)
   final_norm/{scale,bias} [d]; lm_head/kernel [d, vocab] (untied only)
+
+Activation sites (what `Capture` returns and `Intervention`s edit) are listed with their
+widths in `jtrust.models.sites`. Output taps (`forward(..., taps=...)`) are zeros added to
+linear layers' outputs, so that `jax.grad` with respect to them gives each layer's output
+gradient (see `zero_taps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jtrust.models import sites as sites_lib
 from jtrust.models.config import ModelConfig
 from jtrust.models.interventions import SITES, Intervention, edit
 
@@ -33,7 +39,8 @@ _MASK_VALUE = -1e30  # finite, so fully masked (padding) rows give zeros, not Na
 
 @dataclasses.dataclass(frozen=True)
 class Capture:
-    """Which activations to return: `sites` from every executed layer, pooled by `pool`."""
+    """Which activations to return: `sites` (names in `sites.SITES`) from every executed
+    layer, pooled by `pool` over tokens (last real token, mean over real tokens, or all)."""
 
     sites: tuple[str, ...] = ("resid_post",)
     pool: str = "last"
@@ -56,7 +63,7 @@ class KVCache(NamedTuple):
 
 class Output(NamedTuple):
     logits: jax.Array | None  # [B, T, vocab] float32
-    captures: dict[str, jax.Array]  # site -> [L, B, d] (last/mean) or [L, B, T, d] (all)
+    captures: dict[str, jax.Array]  # site -> [L, B, w] (last/mean) or [L, B, T, w] (all), w = its width
     cache: KVCache | None
 
 
@@ -104,20 +111,34 @@ def rotate(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) ->
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
+SiteHook = Callable[[str, jax.Array], jax.Array]  # site(name, value) -> the (possibly edited) value
+Taps = dict[str, jax.Array]  # linear layer name -> what to add to its output
+
+
+def linear(x: jax.Array, n: int, bias: bool, name: str, taps: Taps | None) -> jax.Array:
+    """Dense layer `name` (a child of the calling module) on x [..., d_in] -> [..., n].
+
+    taps[name] [..., n], if given, is added to the output: its gradient is the output's.
+    """
+    y = nn.Dense(n, use_bias=bias, dtype=x.dtype, name=name)(x)
+    return y if taps is None or name not in taps else y + taps[name].astype(y.dtype)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     attend_past: bool  # read earlier keys from the cache (false when the cache is still empty)
 
     @nn.compact
-    def __call__(self, x, ctx: Context, cache: tuple[jax.Array, jax.Array] | None):
-        """x [B, T, d]; cache: this layer's (k, v) [B, S, K, h] holding slots < cache_index.
+    def __call__(self, x, ctx: Context, cache: tuple[jax.Array, jax.Array] | None,
+                 site: SiteHook = lambda name, value: value, taps: Taps | None = None):
+        """x [B, T, d]; cache: this layer's (k, v) [B, S, K, h] holding slots < cache_index;
+        site: hook for the attn_heads site; taps: this layer's output taps [B, T, width] by name.
         Returns the output [B, T, d] and this call's (k, v) [B, T, K, h] for the caller to store."""
         c = self.cfg
         B, T, _ = x.shape
-        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=x.dtype, name=name)
-        q = dense(c.n_heads * c.head_dim, c.qkv_bias, "q")(x).reshape(B, T, c.n_heads, c.head_dim)
-        k = dense(c.n_kv_heads * c.head_dim, c.qkv_bias, "k")(x).reshape(B, T, c.n_kv_heads, c.head_dim)
-        v = dense(c.n_kv_heads * c.head_dim, c.qkv_bias, "v")(x).reshape(B, T, c.n_kv_heads, c.head_dim)
+        q = linear(x, c.n_heads * c.head_dim, c.qkv_bias, "q", taps).reshape(B, T, c.n_heads, c.head_dim)
+        k = linear(x, c.n_kv_heads * c.head_dim, c.qkv_bias, "k", taps).reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = linear(x, c.n_kv_heads * c.head_dim, c.qkv_bias, "v", taps).reshape(B, T, c.n_kv_heads, c.head_dim)
         if c.position == "rope":
             q = rotate(q, ctx.positions, c.rotary_dim, c.rope_theta)
             k = rotate(k, ctx.positions, c.rotary_dim, c.rope_theta)
@@ -142,26 +163,30 @@ class Attention(nn.Module):
         splits = [s.shape[-1] for s in scores][:-1]
         parts = jnp.split(probs, splits, axis=-1) if splits else [probs]
         out = sum(jnp.einsum("bkqs,bskh->bkqh", p_, v_) for p_, v_ in zip(parts, values))
+        # [B, T, K, G, h] -> [B, T, H*h]: head k*G + g reads kv head k, the Hugging Face order
         out = out.reshape(B, c.n_kv_heads, T, group, c.head_dim).transpose(0, 2, 1, 3, 4)
-        return dense(c.d_model, c.out_bias, "o")(out.reshape(B, T, -1)), (k, v)
+        heads = site("attn_heads", out.reshape(B, T, c.n_heads * c.head_dim))
+        return linear(heads, c.d_model, c.out_bias, "o", taps), (k, v)
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, site: SiteHook = lambda name, value: value, taps: Taps | None = None):
+        """x [B, T, d] -> [B, T, d]; site: hook for mlp_hidden [B, T, f]; taps as in Attention."""
         c = self.cfg
-        dense = lambda n, name: nn.Dense(n, use_bias=c.out_bias, dtype=x.dtype, name=name)
+        dense = lambda x_, n, name: linear(x_, n, c.out_bias, name, taps)
         if c.mlp == "swiglu":
-            h = jax.nn.silu(dense(c.d_ff, "gate")(x)) * dense(c.d_ff, "up")(x)
+            h = jax.nn.silu(dense(x, c.d_ff, "gate")) * dense(x, c.d_ff, "up")
         else:
-            h = jax.nn.gelu(dense(c.d_ff, "up")(x), approximate=c.mlp == "gelu_tanh")
-        return dense(c.d_model, "down")(h)
+            h = jax.nn.gelu(dense(x, c.d_ff, "up"), approximate=c.mlp == "gelu_tanh")
+        return dense(site("mlp_hidden", h), c.d_model, "down")
 
 
 def pool(x: jax.Array, ctx: Context, how: str) -> jax.Array:
-    """Pool x [B, T, d] over tokens: last real token, mean over real tokens, or all tokens."""
+    """Pool x [B, T, w] over tokens: last real token, mean over real tokens ([B, w]), or all
+    tokens ([B, T, w]); any width w."""
     x = x.astype(jnp.float32)
     if how == "all":
         return x
@@ -177,25 +202,32 @@ class Block(nn.Module):
     attend_past: bool = True
 
     @nn.compact
-    def __call__(self, x, layer, cache, ctx: Context):
+    def __call__(self, x, layer, cache, taps: Taps | None, ctx: Context):
+        """x [B, T, d]; layer: this block's index; cache: (k, v) [B, S, K, h] or None;
+        taps: linear name -> [B, T, width] added to that layer's output, or None."""
         c = self.cfg
         seen = {}
 
         def site(name, value):
+            if name not in sites_lib.SITES:  # trace time only: every site the block emits is registered
+                raise KeyError(f"site {name!r} is not in jtrust.models.sites.SITES")
             value = edit(value, layer, name, ctx.interventions, ctx.last_position)
             if self.capture is not None and name in self.capture.sites:
                 seen[name] = pool(value, ctx, self.capture.pool)
             return value
 
+        mlp = lambda x_: site("mlp_out", MLP(c, name="mlp")(
+            site("mlp_in", Norm(c.norm, c.norm_eps, name="ln2")(x_)), site, taps))
         x = site("resid_pre", x)
-        a, new_kv = Attention(c, self.attend_past, name="attn")(Norm(c.norm, c.norm_eps, name="ln1")(x), ctx, cache)
+        a, new_kv = Attention(c, self.attend_past, name="attn")(
+            site("attn_in", Norm(c.norm, c.norm_eps, name="ln1")(x)), ctx, cache, site, taps)
         a = site("attn_out", a)
-        if c.parallel_residual:
-            m = site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
+        if c.parallel_residual:  # NeoX: both sublayers read the block's input
+            m = mlp(x)
             x = x + a + m
         else:
             x = x + a
-            x = x + site("mlp_out", MLP(c, name="mlp")(Norm(c.norm, c.norm_eps, name="ln2")(x)))
+            x = x + mlp(x)
         x = site("resid_post", x)
         return x, (None if cache is None else new_kv, seen)
 
@@ -210,16 +242,20 @@ class Decoder(nn.Module):
     attend_past: bool = True
 
     @nn.compact
-    def __call__(self, tokens, ctx: Context, cache: KVCache | None, dtype=jnp.float32):
+    def __call__(self, tokens, ctx: Context, cache: KVCache | None, dtype=jnp.float32,
+                 taps: Taps | None = None):
+        """taps: linear name -> [n_run, B, T, width], or None (then no addition is traced)."""
         c = self.cfg
         embed = nn.Embed(c.vocab_size, c.d_model, name="embed")
         x = embed(tokens).astype(dtype)
         if c.position == "learned":
             x = x + nn.Embed(c.max_positions, c.d_model, name="pos_embed")(ctx.positions).astype(dtype)
+        # layer index, cache and taps are sliced per block like the parameters; ctx is shared
         blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, 0, nn.broadcast), length=self.n_run)
+                         in_axes=(0, 0, 0, nn.broadcast), length=self.n_run)
         kv = None if cache is None else (cache.k, cache.v)
-        x, (kv, captures) = blocks(c, self.capture, self.attend_past, name="blocks")(x, jnp.arange(self.n_run), kv, ctx)
+        x, (kv, captures) = blocks(c, self.capture, self.attend_past, name="blocks")(
+            x, jnp.arange(self.n_run), kv, taps, ctx)
         new_cache = None
         if cache is not None:  # one in-place write of every layer's new keys, after the scan
             at = (0, 0, ctx.cache_index, 0, 0)
@@ -252,7 +288,8 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
             positions: jax.Array | None = None,
             interventions: tuple[Intervention, ...] = (), capture: Capture | None = None,
             upto_layer: int | None = None, logits: bool = True, cache: KVCache | None = None,
-            cache_index: jax.Array | int = 0, dtype=jnp.float32) -> Output:
+            cache_index: jax.Array | int = 0, dtype=jnp.float32,
+            taps: dict[str, jax.Array] | None = None) -> Output:
     """Run the model. Pure in `params`; `config`, `capture`, `upto_layer`, `logits` are static.
 
     tokens, attention_mask: [B, T] (mask 1 = real token; left or right padding).
@@ -262,6 +299,13 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
       keys are written at slots cache_index..cache_index+T-1 of the returned cache.
       Default positions then count the valid slots, so left padding is ignored.
     dtype: compute dtype of activations and matmuls (float32 or bfloat16).
+    taps: linear layer name (q, k, v, o, gate, up, down; `sites.linears(config)`) ->
+      [n_layers, B, T, sites.linear_width(name, config)], added to that layer's output in
+      every block. Pure in taps, so at zero taps (`zero_taps`) `jax.grad` of a loss with
+      respect to them is dL/d(output) of each linear layer per layer, row and token (the
+      per-layer gradients K-FAC and influence functions need); the inputs are the sites
+      `sites.LINEAR_INPUTS[name]`. With upto_layer only the first upto_layer + 1 layers are used.
+      None (default) adds nothing and compiles exactly as without taps.
     """
     mask = attention_mask.astype(bool)
     T = tokens.shape[1]
@@ -285,9 +329,36 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
                   key_mask=mask if cache is None else cache.valid.astype(bool),
                   token_mask=mask, last_position=last_position(mask), cache_index=cache_index,
                   interventions=tuple(interventions))
+    taps = _check_taps(taps, config, n_run, tokens.shape)
     model = Decoder(config, n_run, capture, logits, attend_past)
-    out_logits, captures, new_cache = model.apply({"params": run_params}, tokens, ctx, cache, dtype)
+    out_logits, captures, new_cache = model.apply({"params": run_params}, tokens, ctx, cache, dtype, taps)
     return Output(out_logits, captures, new_cache)
+
+
+def zero_taps(config: ModelConfig, batch: int, length: int, names: tuple[str, ...] | None = None,
+              dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Zero output taps for `forward(..., taps=...)`: name -> [n_layers, batch, length, width].
+
+    names: linear layers to tap (default every one `config`'s blocks have, `sites.linears`).
+    """
+    names = sites_lib.linears(config) if names is None else tuple(names)
+    return {n: jnp.zeros((config.n_layers, batch, length, sites_lib.linear_width(n, config)), dtype)
+            for n in names}
+
+
+def _check_taps(taps, config: ModelConfig, n_run: int, shape: tuple[int, int]):
+    """Validated taps cut to the n_run executed layers; None for no taps (or an empty dict)."""
+    if not taps:
+        return None
+    B, T = shape
+    out = {}
+    for name, tap in taps.items():
+        want = (config.n_layers, B, T, sites_lib.linear_width(name, config))  # raises on unknown names
+        if tuple(tap.shape) != want:
+            raise ValueError(f"tap {name!r} has shape {tuple(tap.shape)}; expected {want} "
+                             "([n_layers, batch, length, output width])")
+        out[name] = tap[:n_run]
+    return out
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:

@@ -5,11 +5,9 @@ are traced, its site / kind / position / function are static. A sweep over
 strengths or layers therefore changes only arrays: `jax.vmap` or a Python loop
 reuses one compiled program.
 
-Sites, per decoder block l (0-based):
-  resid_pre   the block's input (the residual stream before block l)
-  attn_out    the attention output after its output projection
-  mlp_out     the MLP output after its down projection
-  resid_post  the block's output (TracingLLM's representation of layer l)
+Sites are the entries of `jtrust.models.sites.SITES` (resid_pre, attn_in, attn_heads,
+attn_out, mlp_in, mlp_hidden, mlp_out, resid_post); a site's vectors have that site's
+width (`sites.width(site, config)`), e.g. d_ff for mlp_hidden.
 """
 
 from __future__ import annotations
@@ -20,7 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+from jtrust.models import sites as _sites
+
+SITES = tuple(_sites.SITES)  # every site name, in block order (the registry is sites.SITES)
 KINDS = ("add", "replace", "project_out", "splice")
 POSITIONS = ("all", "last")
 
@@ -29,7 +29,8 @@ POSITIONS = ("all", "last")
 class Intervention:
     """One edit rule applied at `site` of every layer whose scale is non-zero.
 
-    vectors: [n_layers, d_model]  what to add / write / project out per layer.
+    vectors: [n_layers, width]    what to add / write / project out per layer;
+                                  width = sites.width(site, config), e.g. d_model.
     scales:  [n_layers]           strength per layer (0 = untouched layer).
     fn_params: pytree for `fn` (splice only), e.g. an autoencoder's weights.
 
@@ -51,8 +52,7 @@ class Intervention:
     fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
-        if self.site not in SITES:
-            raise ValueError(f"unknown site {self.site!r}; choose from {SITES}")
+        _sites.check_site(self.site)
         if self.kind not in KINDS:
             raise ValueError(f"unknown intervention kind {self.kind!r}; choose from {KINDS}")
         if self.position not in POSITIONS:
@@ -68,7 +68,7 @@ def at_layer(n_layers: int, layer: int, vector: jax.Array | None = None, strengt
         raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
     d = None if vector is None else jnp.asarray(vector, jnp.float32)
     if d is None:
-        raise ValueError("at_layer needs a vector (for splice pass any [d_model] array, e.g. zeros)")
+        raise ValueError("at_layer needs a vector (for splice pass any [width] array, e.g. zeros)")
     vectors = jnp.zeros((n_layers, d.shape[-1]), jnp.float32).at[layer].set(d)
     scales = jnp.zeros((n_layers,), jnp.float32).at[layer].set(strength)
     return Intervention(vectors=vectors, scales=scales, **static)
@@ -76,13 +76,16 @@ def at_layer(n_layers: int, layer: int, vector: jax.Array | None = None, strengt
 
 def edit(x: jax.Array, layer: jax.Array, site: str, interventions: tuple[Intervention, ...],
          last_position: jax.Array) -> jax.Array:
-    """Apply every intervention registered at `site` to x [B, T, D] in block `layer`.
+    """Apply every intervention registered at `site` to x [B, T, width] in block `layer`.
 
     last_position: [B, T] bool, true at the token a "last"-position edit touches.
     """
     for iv in interventions:
         if iv.site != site:
             continue
+        if iv.vectors.shape[-1] != x.shape[-1]:  # caught here: broadcasting would hide it or fail opaquely
+            raise ValueError(f"intervention at {site!r} has vectors of width {iv.vectors.shape[-1]} "
+                             f"but the site's activations have width {x.shape[-1]}")
         v = iv.vectors[layer].astype(x.dtype)
         s = iv.scales[layer].astype(x.dtype)
         if iv.kind == "add":
