@@ -193,7 +193,8 @@ def check_same_run(directory: str | os.PathLike, stored: dict, wanted: dict, key
 
 def cache_root() -> pathlib.Path:
     """Where conversions and prepared datasets are cached: $JTRUST_CACHE or ~/.cache/jtrust."""
-    return pathlib.Path(os.environ.get("JTRUST_CACHE", pathlib.Path.home() / ".cache" / "jtrust"))
+    root = pathlib.Path(os.environ.get("JTRUST_CACHE") or pathlib.Path.home() / ".cache" / "jtrust")
+    return root.expanduser().absolute()  # orbax refuses relative paths; a relative setting is the cwd's
 
 
 def safe_name(name: str) -> str:
