@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from jtrust.core.errors import InputError
 from jtrust.core.options import add_flags, from_flags
 from jtrust.models.sites import SITES
 from jtrust.pipelines.evaluate import EvaluateOptions
@@ -24,8 +25,8 @@ def _layers(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers: {text!r} is not 'all' or comma-separated "
-                                         "block indices such as 0,5,10") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or comma-separated block indices "
+                                         "such as 0,5,10") from None
 
 
 def cmd_info(args) -> None:
@@ -55,7 +56,7 @@ def cmd_extract(args) -> None:
     model = load(args.model)
     t = time.perf_counter()
     acts = extract(model, texts, sites=tuple(args.sites.split(",")), layers=args.layers,
-                   pool=args.pool, batch_size=args.batch_size, out_dir=args.out,
+                   pool=args.pool, batch_size=args.batch_size, max_length=args.max_length, out_dir=args.out,
                    dataset_name=data.name)
     dt = time.perf_counter() - t
     print(f"extracted {len(texts)} texts from {model.name} in {dt:.1f} s -> {args.out}")
@@ -71,7 +72,7 @@ def cmd_generate(args) -> None:
         from jtrust.data import load_texts
         prompts += load_texts(args.prompts).texts
     if not prompts:
-        raise SystemExit("jtrust generate: give --prompt TEXT (repeatable) or --prompts FILE")
+        raise InputError("give --prompt TEXT (repeatable) or --prompts FILE")
     model = load(args.model)
     sampling = from_flags(Sampling, args)
     t = time.perf_counter()
@@ -173,26 +174,33 @@ def cmd_evaluate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug_help = "show the traceback of a bad-input error"
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
+    p.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command name too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("demo", help="the main job on the embedded model and a bundled dataset")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    s = command("demo", help="a one-minute look: extract a bundled set, answer four questions")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--data", default="toxicity")
     s.add_argument("--n", type=int, default=256, help="statements to extract")
     s.add_argument("--out", default="runs/demo/activations")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("info", help="print a checkpoint's config, or a series' members")
+    s = command("info", help="print a checkpoint's config, or a series' members")
     s.add_argument("--model", default="smollm2")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("convert", help="write a checkpoint as a jtrust (orbax) directory")
+    s = command("convert", help="write a checkpoint as a jtrust (orbax) directory")
     s.add_argument("src")
     s.add_argument("dst")
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("extract", help="activations of a dataset, streamed to disk (resumable)")
+    s = command("extract", help="activations of a dataset, streamed to disk (resumable)")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--data", required=True, help="a bundled dimension name or a .csv/.jsonl/.txt file")
     s.add_argument("--out", required=True)
@@ -201,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", default="last", choices=("last", "mean", "all"))
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    s.add_argument("--max-length", type=int, default=None, help="keep the first N tokens of longer texts")
     s.set_defaults(fn=cmd_extract)
 
-    s = sub.add_parser("generate", help="sample continuations (prints JSON lines)")
+    s = command("generate", help="sample continuations (prints JSON lines)")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--prompt", action="append")
     s.add_argument("--prompts", help="a .txt/.csv/.jsonl file of prompts")
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_generate)
 
-    s = sub.add_parser("trace", help="probe, MI and steering over layers and checkpoints, with a report")
+    s = command("trace", help="probe, MI and steering over layers and checkpoints, with a report")
     s.add_argument("--model", default="smollm2", help="a checkpoint or a series (directory or list)")
     s.add_argument("--dims", default="all", help="'all', or comma-separated bundled dimensions "
                    "(reliability,toxicity,privacy,fairness,robustness) and/or labelled .csv/.jsonl files")
@@ -224,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(s, SteerOptions, prefix="steer-")
     s.set_defaults(fn=cmd_trace)
 
-    s = sub.add_parser("evaluate", help="n sampled answers per prompt, scored, with high-probability bounds")
+    s = command("evaluate", help="n sampled answers per prompt, scored, with high-probability bounds")
     s.add_argument("--model", default="smollm2")
     s.add_argument("--prompts", required=True, help=".json/.jsonl/.csv/.txt with 'prompt' or 'question' "
                    "(and 'answer' or 'reference' for rougeL / exact)")
@@ -238,11 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    """Run a command. Bad input (InputError) is one line on stderr and exit status 2; with
+    --debug its traceback too. Any other exception is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"jtrust {args.command}: {e}")
+    except InputError as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line, however the message was wrapped
+        print(f"jtrust {args.command}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import optimize, stats
 
+from jtrust.core.errors import InputError
+
 
 def clopper_pearson(k: np.ndarray, n: int, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Two-sided exact binomial interval for k successes of n trials (arrays of k)."""
@@ -23,9 +25,17 @@ def clopper_pearson(k: np.ndarray, n: int, confidence: float = 0.95) -> tuple[np
     return low, high
 
 
+def check_alpha(alpha: float) -> None:
+    """A bound holds with probability 1 - alpha: alpha must lie strictly between 0 and 1."""
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must be in (0, 1) (each bound holds with probability 1 - alpha), "
+                         f"not {alpha}; 0.01 or 0.05 are usual")
+
+
 def leak_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson upper bound on a leak probability: k of n samples leaked.
     BetaInv(1 - alpha; k + 1, n - k); at k = 0 this is 1 - alpha^(1/n)."""
+    check_alpha(alpha)
     k = np.asarray(k)
     return np.where(k == n, 1.0, stats.beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1)))
 
@@ -33,7 +43,8 @@ def leak_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
 def dkw_epsilon(n: int, alpha: float, two_sided: bool = False) -> float:
     """Half-width of the Dvoretzky-Kiefer-Wolfowitz band (Massart's constant)."""
     if n < 1:
-        raise ValueError("need at least one sample")
+        raise InputError("need at least one sample")
+    check_alpha(alpha)
     return float(np.sqrt(np.log((2 if two_sided else 1) / alpha) / (2 * n)))
 
 
@@ -49,9 +60,9 @@ class Band(NamedTuple):
 def _sorted_scores(scores) -> np.ndarray:
     z = np.sort(np.asarray(scores, np.float64).ravel())
     if z.size == 0:
-        raise ValueError("no scores: draw at least one sample")
+        raise InputError("no scores: draw at least one sample")
     if z[0] < 0 or z[-1] > 1 or np.isnan(z).any():
-        raise ValueError(f"scores must lie in [0, 1], got range [{z[0]}, {z[-1]}]; rescale the scorer")
+        raise InputError(f"scores must lie in [0, 1], got range [{z[0]}, {z[-1]}]; rescale the scorer")
     return z
 
 

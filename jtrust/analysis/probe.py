@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtrust.core.errors import InputError
 from jtrust.analysis.bounds import clopper_pearson
 
 HISTORY = 10  # L-BFGS correction pairs (scipy's and so sklearn's default)
@@ -51,7 +52,7 @@ def split_indices(n: int, split: str = "order", train_fraction: float = 0.8, see
     elif split == "shuffled":
         order = np.random.default_rng(seed).permutation(n)
     else:
-        raise ValueError(f"split must be 'order' or 'shuffled', not {split!r}")
+        raise InputError(f"split must be 'order' or 'shuffled', not {split!r}")
     cut = int(round(train_fraction * n))
     return order[:cut], order[cut:]
 
@@ -184,12 +185,12 @@ def probe_layers(features: np.ndarray, labels: np.ndarray, split: str = "order",
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels)
     if features.ndim != 3 or features.shape[1] != labels.shape[0]:
-        raise ValueError(f"features must be [n_layers, n, d] with n = {labels.shape[0]} labels, "
+        raise InputError(f"features must be [n_layers, n, d] with n = {labels.shape[0]} labels, "
                          f"got {features.shape}")
     if set(np.unique(labels).tolist()) != {0, 1}:
-        raise ValueError("labels must contain both classes 0 and 1")
+        raise InputError("labels must contain both classes 0 and 1")
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}")
+        raise InputError(f"solver must be one of {SOLVERS}, not {solver!r}")
     train, test = split_indices(labels.shape[0], split, seed=seed)
     order = None if split == "order" else np.concatenate([train, test])
     theta, iterations, correct = _probe_program(

@@ -62,6 +62,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jtrust.core.errors import InputError, MissingInput
 from jtrust.core import store
 from jtrust.core.store import verified_sha256
 from jtrust.data import BUNDLED
@@ -103,7 +104,7 @@ class Scorer(NamedTuple):
 def check_scorer_model(scorer: Scorer, model: Model) -> None:
     """Refuse a model other than the one whose activations `scorer` was trained on."""
     if model.checkpoint_hash != scorer.checkpoint_hash:
-        raise ValueError(
+        raise InputError(
             f"the {scorer.name!r} scorer reads the activations of checkpoint {scorer.checkpoint_hash} "
             f"(the embedded SmolLM2-135M-Instruct), not of {model.name!r} ({model.checkpoint_hash}); "
             "load the embedded model with jtrust.load('smollm2') and pass it as the scorer's model")
@@ -118,13 +119,13 @@ def score_texts(scorer: Scorer, model: Model, texts: list[str], *, batch_size: i
     """
     check_scorer_model(scorer, model)
     if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings, not one string")
+        raise InputError("texts must be a list of strings, not one string")
     if len(texts) == 0:
         return np.zeros(0, np.float32)
     texts = [t.strip() for t in texts]
     empty = [i for i, t in enumerate(texts) if not t]
     if empty:
-        raise ValueError(f"{len(empty)} texts are empty after stripping (first: index {empty[0]}); "
+        raise InputError(f"{len(empty)} texts are empty after stripping (first: index {empty[0]}); "
                          "a scorer needs at least one token: drop them or score a placeholder")
     acts = extract(model, texts, (scorer.site,), [scorer.layer], scorer.pool, batch_size=batch_size,
                    progress=progress)
@@ -145,21 +146,21 @@ def load_scorer(name: str, directory: str | os.PathLike | None = None) -> Scorer
     """A shipped scorer ("toxicity", "truthfulness") or, with `directory`, one `save_scorer` wrote."""
     root = SCORER_DIR if directory is None else pathlib.Path(directory)
     if directory is None and name not in SCORERS:
-        raise ValueError(f"no shipped scorer {name!r}; choose from {sorted(SCORERS)}")
+        raise InputError(f"no shipped scorer {name!r}; choose from {sorted(SCORERS)}")
     json_path, npz_path = root / f"{name}.json", root / f"{name}.npz"
     if not (json_path.is_file() and npz_path.is_file()):
         hint = ("reinstall jtrust or rerun `python experiments/train_scorers.py`" if directory is None
                 else "train and save it first")
-        raise FileNotFoundError(f"scorer {name!r} is missing from {root} ({json_path.name}, "
+        raise MissingInput(f"scorer {name!r} is missing from {root} ({json_path.name}, "
                                 f"{npz_path.name}); {hint}")
     info = json.loads(json_path.read_text())
     if info.get("format") != FORMAT:
-        raise ValueError(f"{json_path} has format {info.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{json_path} has format {info.get('format')!r}, expected {FORMAT!r}")
     with np.load(npz_path) as arrays:
         mean, std, weights = (arrays[k].astype(np.float32) for k in ("mean", "std", "weights"))
         bias = float(arrays["bias"])
     if not mean.shape == std.shape == weights.shape == (info["d"],):
-        raise ValueError(f"{npz_path}: arrays must all be [{info['d']}], got {mean.shape}, "
+        raise InputError(f"{npz_path}: arrays must all be [{info['d']}], got {mean.shape}, "
                          f"{std.shape}, {weights.shape}")
     return Scorer(info["name"], info["checkpoint_hash"], info["site"], int(info["layer"]),
                   info["pool"], mean, std, weights, bias, tuple(info["label_names"]), info["metrics"])
@@ -218,7 +219,7 @@ def fit_scorer(name: str, checkpoint_hash: str, site: str, layers: Sequence[int]
     n = labels.shape[0] if labels.ndim else 0
     for pool, x in features.items():
         if x.ndim != 3 or x.shape[:2] != (len(layers), n):
-            raise ValueError(f"features[{pool!r}] must be [{len(layers)} layers, {n} rows, d], "
+            raise InputError(f"features[{pool!r}] must be [{len(layers)} layers, {n} rows, d], "
                              f"got {x.shape}")
     groups, train, val, test = _checked_split(labels, groups, n, seed)
 
@@ -260,15 +261,15 @@ def _checked_split(labels: np.ndarray, groups, n: int, seed: int):
     """(groups [n], train, validation, test) after checking labels [n] in {0, 1}, groups [n], and
     that every split holds both classes."""
     if labels.shape != (n,) or not set(np.unique(labels).tolist()) <= {0, 1}:
-        raise ValueError(f"labels must be [{n}] in {{0, 1}}, got shape {labels.shape} and values "
+        raise InputError(f"labels must be [{n}] in {{0, 1}}, got shape {labels.shape} and values "
                          f"{sorted(set(np.unique(labels).tolist()))[:5]}")
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
-        raise ValueError(f"groups must be [{n}], got {groups.shape}")
+        raise InputError(f"groups must be [{n}], got {groups.shape}")
     train, val, test = group_split(groups, seed)
     for part, rows in (("train", train), ("validation", val), ("test", test)):
         if len(set(labels[rows].tolist())) < 2:
-            raise ValueError(f"the {part} split ({len(rows)} rows) holds one class only; "
+            raise InputError(f"the {part} split ({len(rows)} rows) holds one class only; "
                              "give more rows")
     return groups, train, val, test
 
@@ -293,7 +294,7 @@ def pooled_activations(model: Model, texts: list[str], site: str, layers: list[i
     """
     bad = set(pools) - {"mean", "last"}
     if bad or not pools:
-        raise ValueError(f"pools must be among ('mean', 'last'), got {list(pools)}")
+        raise InputError(f"pools must be among ('mean', 'last'), got {list(pools)}")
     if len(pools) == 1:
         acts = extract(model, texts, (site,), layers, pools[0], batch_size=batch_size, progress=progress)
         return {pools[0]: np.stack([acts.get(site, layer) for layer in layers])}
@@ -355,7 +356,7 @@ def truthfulness_judgements() -> tuple[list[str], np.ndarray, list[str]]:
         prompt, completion = row["prompt"], row["completion"]
         if not (prompt.startswith("Q: ") and prompt.endswith("\nTrue:") and "\nA: " in prompt
                 and completion in (" yes", " no")):
-            raise ValueError(f"{TRUTH_FILE} line {i + 1}: not a 'Q: ...\\nA: ...\\nTrue:' prompt "
+            raise InputError(f"{TRUTH_FILE} line {i + 1}: not a 'Q: ...\\nA: ...\\nTrue:' prompt "
                              f"with completion ' yes' / ' no': {line[:80]!r}")
         text = prompt[:-len("\nTrue:")]
         texts.append(text)
@@ -369,7 +370,7 @@ def bytes_literal_text(cell: str) -> str:
     try:
         value = ast.literal_eval(cell)
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"not a Python bytes literal: {cell[:60]!r}") from e
+        raise InputError(f"not a Python bytes literal: {cell[:60]!r}") from e
     if not isinstance(value, bytes):
-        raise ValueError(f"not a Python bytes literal: {cell[:60]!r}")
+        raise InputError(f"not a Python bytes literal: {cell[:60]!r}")
     return value.decode("utf-8").strip()

@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from jtrust.core.errors import InputError
 from jtrust.core.store import verified_sha256
 from jtrust.data import BUNDLED, load_texts
 from jtrust.runtime.extract import extract
@@ -48,11 +49,11 @@ def mass_mean_vector(activations: np.ndarray, labels: np.ndarray, variant: str =
     a = np.asarray(activations, np.float64)
     y = np.asarray(labels)
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+        raise InputError(f"variant must be one of {VARIANTS}, not {variant!r}")
     if a.ndim != 2 or a.shape[0] != y.shape[0]:
-        raise ValueError(f"activations must be [n, d] with n = {y.shape[0]} labels, got {a.shape}")
+        raise InputError(f"activations must be [n, d] with n = {y.shape[0]} labels, got {a.shape}")
     if not ((y == 0).any() and (y == 1).any()):
-        raise ValueError("a mass-mean vector needs rows of both labels 0 and 1")
+        raise InputError("a mass-mean vector needs rows of both labels 0 and 1")
     d = a[y == toward].mean(0) - a[y != toward].mean(0)
     if variant == "paper":
         return d.astype(np.float32)
@@ -80,7 +81,7 @@ def intervention(model: Model, steer: Steer | None, position: str = "last") -> t
     if steer is None:
         return (at_layer(n_layers, 0, np.zeros(d_model, np.float32), 0.0, position=position),)
     if steer.vector.shape != (d_model,):
-        raise ValueError(f"steering vector has shape {steer.vector.shape}, but {model.name} has "
+        raise InputError(f"steering vector has shape {steer.vector.shape}, but {model.name} has "
                          f"d_model = {d_model}: take the vector from a model of the same width")
     return (at_layer(n_layers, steer.layer, steer.vector, steer.strength, position=position),)
 
@@ -92,7 +93,7 @@ def perplexity(model: Model, texts: Sequence[str], steer: Steer | None = None, m
     ids = [model.tokenizer.encode(t)[:max_length] for t in texts]
     ids = [i for i in ids if len(i) > 1]
     if not ids:
-        raise ValueError("perplexity needs texts of at least two tokens")
+        raise InputError("perplexity needs texts of at least two tokens")
     edit = intervention(model, steer, position="all")
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
@@ -145,7 +146,7 @@ def evaluate(model: Model, metric: str, prompts: Sequence[str], steer: Steer | N
     """
     from jtrust.analysis.scorers import load_scorer, score_texts  # the scorers read the embedded model
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, not {metric!r}")
+        raise InputError(f"metric must be one of {sorted(METRICS)}, not {metric!r}")
     out = generate(model, list(prompts), max_new_tokens=max_new_tokens, chat=chat,
                    interventions=intervention(model, steer))
     answers = [samples[0].strip() for samples in out.texts]

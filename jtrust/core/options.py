@@ -7,7 +7,8 @@ A field's default and help live in the dataclass only:
         seed: int = option(0, "seed of the shuffled split and the MI subset")
 
 `add_flags(parser, TraceOptions)` adds `--seed` (type, default and help from the field) and
-`from_flags(TraceOptions, args)` builds the dataclass back from the parsed namespace. Types:
+`from_flags(TraceOptions, args)` builds the dataclass back from the parsed namespace; a value its
+`__post_init__` refuses with `check(...)` is reported under the flag's name. Types:
 int, float, str, bool (--x / --no-x), tuples of int/float/str (comma-separated), and any of
 these `| None` (an empty value or "none" gives None; for tuples of ints also "all").
 """
@@ -19,6 +20,22 @@ import dataclasses
 import types
 import typing
 from typing import Any, Sequence
+
+from jtrust.core.errors import InputError
+
+
+class OptionError(InputError):
+    """A bad option value; `field` is the dataclass field, so the CLI can name the flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.detail = field, message
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise OptionError(field, message) unless `condition` (for __post_init__ validation)."""
+    if not condition:
+        raise OptionError(field, message)
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: Sequence | None = None) -> Any:
@@ -42,7 +59,7 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parser(tp, optional: bool, flag: str):
+def _parser(tp, optional: bool):
     """A function str -> value for argparse's `type`, raising ArgumentTypeError with the flag."""
     element = None
     if typing.get_origin(tp) is tuple:
@@ -54,7 +71,7 @@ def _parser(tp, optional: bool, flag: str):
             return base(text)
         except ValueError:
             kind = {int: "an integer", float: "a number"}.get(base, base.__name__)
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not {kind}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
 
     def parse(text: str):
         if optional and text.strip().lower() in (("", "none", "all") if element is int else ("", "none")):
@@ -63,7 +80,7 @@ def _parser(tp, optional: bool, flag: str):
             return one(text.strip())
         items = tuple(one(x.strip()) for x in text.split(",") if x.strip())
         if not items:
-            raise argparse.ArgumentTypeError(f"{flag}: give at least one value, comma-separated")
+            raise argparse.ArgumentTypeError("give at least one value, comma-separated")
         return items
     return parse
 
@@ -83,7 +100,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Sequ
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=field.metadata["help"])
             continue
-        parser.add_argument(flag, dest=dest, type=_parser(tp, optional, flag), default=default,
+        parser.add_argument(flag, dest=dest, type=_parser(tp, optional), default=default,
                             choices=field.metadata.get("choices"), help=help_text,
                             metavar=None if field.metadata.get("choices") else field.name.upper())
 
@@ -92,4 +109,9 @@ def from_flags(cls, args: argparse.Namespace, prefix: str = "", **overrides):
     """The dataclass `cls` from parsed flags (fields without a flag keep their defaults)."""
     values = {f.name: getattr(args, _dest(f, prefix)) for f in dataclasses.fields(cls)
               if hasattr(args, _dest(f, prefix))}
-    return cls(**{**values, **overrides})
+    try:
+        return cls(**{**values, **overrides})
+    except OptionError as e:  # name the flag the user typed, not the field
+        field = next((f for f in dataclasses.fields(cls) if f.name == e.field), None)
+        flag = _flag(field, prefix.replace("_", "-")) if field is not None else e.field
+        raise InputError(f"{flag}: {e.detail}") from None

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jtrust.core.errors import InputError
 from jtrust.data import TRUST_DATASETS, iter_examples
 from jtrust.core.store import cache_root
 
@@ -78,7 +79,7 @@ def default_data_dir() -> pathlib.Path:
 def trust_builder(dimension: str, data_dir: str | os.PathLike | None = None) -> TrustSets:
     """The builder for `dimension`, prepared as array_record under `data_dir` (reused if there)."""
     if dimension not in TRUST_DATASETS:
-        raise ValueError(f"unknown trust dimension {dimension!r}; valid: {sorted(TRUST_DATASETS)}")
+        raise InputError(f"unknown trust dimension {dimension!r}; valid: {sorted(TRUST_DATASETS)}")
     builder = TrustSets(config=dimension, data_dir=os.fspath(data_dir or default_data_dir()))
     # offline whatever tfds's global GCS switch says (4.9.10 has it off; older versions probed gs://)
     builder.download_and_prepare(file_format="array_record",

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import init_params
 
@@ -34,5 +35,5 @@ def restore_params(params_dir: pathlib.Path, config: ModelConfig, config_path: p
     try:
         return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(), target)
     except Exception as e:  # orbax raises many types; the user needs the path and the cause
-        raise ValueError(f"{params_dir}: cannot restore parameters for the config in "
+        raise InputError(f"{params_dir}: cannot restore parameters for the config in "
                          f"{config_path} ({type(e).__name__}: {e})") from e

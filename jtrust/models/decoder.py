@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jtrust.core.errors import InputError
 from jtrust.models import sites as sites_lib
 from jtrust.models.config import ModelConfig
 from jtrust.models.interventions import SITES, Intervention, edit
@@ -48,9 +49,9 @@ class Capture:
     def __post_init__(self):
         bad = set(self.sites) - set(SITES)
         if bad:
-            raise ValueError(f"unknown sites {sorted(bad)}; choose from {SITES}")
+            raise InputError(f"unknown sites {sorted(bad)}; choose from {SITES}")
         if self.pool not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pool!r}; choose from {POOLINGS}")
+            raise InputError(f"unknown pooling {self.pool!r}; choose from {POOLINGS}")
 
 
 class KVCache(NamedTuple):
@@ -316,9 +317,9 @@ def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array, *, config
         positions = default_positions(cache.valid)[:, slots]
     n_run = config.n_layers if upto_layer is None else upto_layer + 1
     if not 0 < n_run <= config.n_layers:
-        raise ValueError(f"upto_layer={upto_layer} out of range for {config.n_layers} layers")
+        raise InputError(f"upto_layer={upto_layer} out of range for {config.n_layers} layers")
     if cache is not None and n_run < config.n_layers:
-        raise ValueError("upto_layer cannot be combined with a cache (the cache holds every layer)")
+        raise InputError("upto_layer cannot be combined with a cache (the cache holds every layer)")
     run_params = params
     if n_run < config.n_layers:
         run_params = dict(params, blocks=jax.tree.map(lambda p: p[:n_run], params["blocks"]))
@@ -355,7 +356,7 @@ def _check_taps(taps, config: ModelConfig, n_run: int, shape: tuple[int, int]):
     for name, tap in taps.items():
         want = (config.n_layers, B, T, sites_lib.linear_width(name, config))  # raises on unknown names
         if tuple(tap.shape) != want:
-            raise ValueError(f"tap {name!r} has shape {tuple(tap.shape)}; expected {want} "
+            raise InputError(f"tap {name!r} has shape {tuple(tap.shape)}; expected {want} "
                              "([n_layers, batch, length, output width])")
         out[name] = tap[:n_run]
     return out

@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jtrust.core.errors import InputError
 from jtrust.models import sites as _sites
 
 SITES = tuple(_sites.SITES)  # every site name, in block order (the registry is sites.SITES)
@@ -54,21 +55,21 @@ class Intervention:
     def __post_init__(self):
         _sites.check_site(self.site)
         if self.kind not in KINDS:
-            raise ValueError(f"unknown intervention kind {self.kind!r}; choose from {KINDS}")
+            raise InputError(f"unknown intervention kind {self.kind!r}; choose from {KINDS}")
         if self.position not in POSITIONS:
-            raise ValueError(f"unknown position {self.position!r}; choose from {POSITIONS}")
+            raise InputError(f"unknown position {self.position!r}; choose from {POSITIONS}")
         if (self.kind == "splice") != (self.fn is not None):
-            raise ValueError("kind='splice' needs fn (and only splice takes fn)")
+            raise InputError("kind='splice' needs fn (and only splice takes fn)")
 
 
 def at_layer(n_layers: int, layer: int, vector: jax.Array | None = None, strength: float = 1.0,
              **static) -> Intervention:
     """An intervention active at one layer, e.g. a steering vector alpha * v at block l."""
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
+        raise InputError(f"layer {layer} out of range for a {n_layers}-layer model")
     d = None if vector is None else jnp.asarray(vector, jnp.float32)
     if d is None:
-        raise ValueError("at_layer needs a vector (for splice pass any [width] array, e.g. zeros)")
+        raise InputError("at_layer needs a vector (for splice pass any [width] array, e.g. zeros)")
     vectors = jnp.zeros((n_layers, d.shape[-1]), jnp.float32).at[layer].set(d)
     scales = jnp.zeros((n_layers,), jnp.float32).at[layer].set(strength)
     return Intervention(vectors=vectors, scales=scales, **static)
@@ -84,7 +85,7 @@ def edit(x: jax.Array, layer: jax.Array, site: str, interventions: tuple[Interve
         if iv.site != site:
             continue
         if iv.vectors.shape[-1] != x.shape[-1]:  # caught here: broadcasting would hide it or fail opaquely
-            raise ValueError(f"intervention at {site!r} has vectors of width {iv.vectors.shape[-1]} "
+            raise InputError(f"intervention at {site!r} has vectors of width {iv.vectors.shape[-1]} "
                              f"but the site's activations have width {x.shape[-1]}")
         v = iv.vectors[layer].astype(x.dtype)
         s = iv.scales[layer].astype(x.dtype)

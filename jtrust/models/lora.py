@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jtrust.core.errors import InputError
+
 # projection name -> its path under params["blocks"]
 PROJECTIONS = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
                "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
@@ -29,9 +31,9 @@ class LoraConfig:
     def __post_init__(self):
         bad = set(self.targets) - set(PROJECTIONS)
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets {sorted(bad) or '()'}: choose from {sorted(PROJECTIONS)}")
+            raise InputError(f"LoRA targets {sorted(bad) or '()'}: choose from {sorted(PROJECTIONS)}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, not {self.rank}")
+            raise InputError(f"LoRA rank must be >= 1, not {self.rank}")
 
     @property
     def scale(self) -> float:
@@ -43,7 +45,7 @@ def _kernel(params: Any, name: str) -> jax.Array:
     try:
         return params["blocks"][group][proj]["kernel"]
     except KeyError:
-        raise ValueError(f"this model has no '{name}' projection to adapt (blocks/{group}/{proj})") from None
+        raise InputError(f"this model has no '{name}' projection to adapt (blocks/{group}/{proj})") from None
 
 
 def init_adapters(params: Any, config: LoraConfig, rng: jax.Array) -> dict[str, dict[str, jax.Array]]:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import forward
 from jtrust.models.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ class Series:
         for ckpt in self.checkpoints:
             model = ckpt.load()
             if config is not None and model.config != config:
-                raise ValueError(f"{self.name}: checkpoint {ckpt.name} has config {model.config} "
+                raise InputError(f"{self.name}: checkpoint {ckpt.name} has config {model.config} "
                                  f"but earlier ones have {config}; a series must share one architecture")
             config = model.config
             yield model

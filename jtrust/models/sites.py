@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig
 
 
@@ -76,7 +77,7 @@ def width(site: str, config: ModelConfig) -> int:
 
 def check_site(site: str) -> None:
     if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; choose from {tuple(SITES)}")
+        raise InputError(f"unknown site {site!r}; choose from {tuple(SITES)}")
 
 
 def linears(config: ModelConfig) -> tuple[str, ...]:
@@ -87,6 +88,6 @@ def linears(config: ModelConfig) -> tuple[str, ...]:
 def linear_width(name: str, config: ModelConfig) -> int:
     """Output width of linear layer `name` (q, k, v, o, gate, up, down) for `config`."""
     if name not in linears(config):
-        raise ValueError(f"no linear layer {name!r} in a {config.family} ({config.mlp}) block; "
+        raise InputError(f"no linear layer {name!r} in a {config.family} ({config.mlp}) block; "
                          f"it has {linears(config)}")
     return _LINEAR_OUT[name](config)

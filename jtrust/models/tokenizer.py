@@ -11,6 +11,8 @@ import jinja2
 import numpy as np
 import tokenizers
 
+from jtrust.core.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
@@ -32,7 +34,7 @@ class Tokenizer:
     def chat(self, user_message: str, system: str | None = None) -> str:
         """The prompt text for one user turn, rendered with the checkpoint's chat template."""
         if not self.chat_template:
-            raise ValueError("this checkpoint has no chat template; pass plain prompts instead")
+            raise InputError("this checkpoint has no chat template; pass plain prompts instead")
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user_message}]
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
@@ -88,11 +90,11 @@ def pad(sequences: list[list[int]], pad_id: int, length: int | None = None, side
         ) -> tuple[np.ndarray, np.ndarray]:
     """Pad id lists into ids and mask [B, T]; sequences longer than `length` are an error."""
     if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+        raise InputError(f"side must be 'left' or 'right', not {side!r}")
     longest = max((len(s) for s in sequences), default=0)
     T = longest if length is None else length
     if longest > T:
-        raise ValueError(f"a sequence has {longest} tokens, more than the padded length {T}")
+        raise InputError(f"a sequence has {longest} tokens, more than the padded length {T}")
     ids = np.full((len(sequences), T), pad_id, np.int32)
     mask = np.zeros((len(sequences), T), np.int32)
     for b, s in enumerate(sequences):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from jtrust.analysis import bounds
 from jtrust.core import store
-from jtrust.core.options import option
+from jtrust.core.options import check, option
 from jtrust.runtime.generate import Sampling, encode_prompts, generate
 from jtrust.models.model import Model
 from jtrust.pipelines.report import save_figure
@@ -57,6 +57,18 @@ class EvaluateOptions:
     chat: bool = option(True, "wrap prompts in the checkpoint's chat template")
     prompts_per_batch: int = option(8, "prompts decoded together (n rows each)")
     seed: int = option(0, "sampling seed")
+
+    def __post_init__(self):
+        check(self.n >= 1, "n", f"must be at least 1 sample per prompt, not {self.n}")
+        check(0 < self.alpha < 1, "alpha", f"must be in (0, 1) (bounds hold with probability 1 - alpha), "
+                                           f"not {self.alpha}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, not {self.max_new_tokens}")
+        check(self.temperature > 0, "temperature", "must be > 0: sampled evaluation samples (the greedy "
+                                                   "answer is reported beside it)")
+        check(self.prompts_per_batch >= 1, "prompts_per_batch", f"must be at least 1, not {self.prompts_per_batch}")
+        check(self.leak_threshold is None or 0 <= self.leak_threshold <= 1, "leak_threshold",
+              f"must be in [0, 1] (scores are), not {self.leak_threshold}")
+        self.sampling  # top_k, top_p and confident_p are checked by Sampling
 
     @property
     def sampling(self) -> Sampling:

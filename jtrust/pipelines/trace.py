@@ -32,9 +32,9 @@ import tqdm
 
 from jtrust.analysis.mi import information_plane
 from jtrust.analysis.probe import probe_layers, split_indices
-from jtrust.analysis.steer import VARIANTS, mass_mean_vector
+from jtrust.analysis.steer import METRICS, VARIANTS, mass_mean_vector
 from jtrust.core import store
-from jtrust.core.options import option
+from jtrust.core.options import check, option
 from jtrust.core.store import safe_name
 from jtrust.data import TRUST_DATASETS, load_texts
 from jtrust.models.model import Model, Series
@@ -58,6 +58,13 @@ class TraceOptions:
     batch_size: int = option(32, "texts per forward pass during extraction")
     keep_activations: bool = option(False, "keep the extracted activations under out/activations")
 
+    def __post_init__(self):
+        check(self.limit is None or self.limit >= 1, "limit", f"must be at least 1 row, not {self.limit}")
+        check(self.mi_samples >= 0, "mi_samples", f"must be >= 0 (0 = all rows), not {self.mi_samples}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, not {self.batch_size}")
+        check(self.c > 0 and self.sigma > 0, "c" if self.c <= 0 else "sigma", "must be positive")
+        check(self.layers is None or len(self.layers) > 0, "layers", "give at least one block, or all")
+
 
 @dataclasses.dataclass(frozen=True)
 class SteerOptions:
@@ -76,6 +83,17 @@ class SteerOptions:
     target: str | None = option(None, "model spec to steer (default: the source checkpoint)")
     scorer_model: str = option("smollm2", "model the shipped scorers read: the embedded model they "
                                "were trained on (reused when it is the target)")
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in METRICS]
+        check(not unknown and len(self.metrics) > 0, "metrics",
+              f"unknown steering metrics {unknown}; choose from {sorted(METRICS)}")
+        check(self.layers is None or len(self.layers) > 0, "layers", "give at least one block")
+        check(len(self.depths) > 0 and all(0 <= f <= 1 for f in self.depths), "depths",
+              f"fractions of the model's depth, in [0, 1], at least one: {self.depths}")
+        check(len(self.strengths) > 0, "strengths", "give at least one strength")
+        for name in ("n_prompts", "max_new_tokens", "n_heldout"):
+            check(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
 
     def layers_of(self, n_layers: int) -> tuple[int, ...]:
         """The blocks steered in an n_layers-deep model: `layers`, or `depths` resolved."""

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jtrust.core.options import option
+from jtrust.core.errors import InputError
+from jtrust.core.options import check, option
 from jtrust.runtime import distributed
 from jtrust.models.model import Model
 from jtrust.models.config import ModelConfig
@@ -58,14 +59,10 @@ class Sampling:
                                 "reaches this (1 = off)")
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), not {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), not {self.top_p}")
-        if not 0 < self.confident_p <= 1:
-            raise ValueError(f"confident_p must be in (0, 1] (1 = off), not {self.confident_p}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), not {self.temperature}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), not {self.top_k}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1 = off), not {self.top_p}")
+        check(0 < self.confident_p <= 1, "confident_p", f"must be in (0, 1] (1 = off), not {self.confident_p}")
 
 
 class Generation(NamedTuple):
@@ -99,16 +96,18 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     `tokens` and `lengths`); the row then emits pad.
     """
     if max_new_tokens < 1 or n_samples < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and n_samples={n_samples} must be >= 1")
+        raise InputError(f"max_new_tokens={max_new_tokens} and n_samples={n_samples} must be >= 1")
     if sampling.temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs a PRNG key (jax.random.key(seed))")
+        raise InputError("sampling with temperature > 0 needs a PRNG key (jax.random.key(seed))")
     tok = model.tokenizer
     prompt_ids = encode_prompts(tok, prompts, chat)
-    if model.config.position == "learned":
-        longest = max(len(p) for p in prompt_ids) + max_new_tokens
-        if longest > model.config.max_positions:
-            raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's "
-                             f"{model.config.max_positions} learned positions")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens (--max-new-tokens) must be at least 1, not {max_new_tokens}")
+    longest = max(len(p) for p in prompt_ids) + max_new_tokens
+    if longest > model.config.max_positions:  # past them a model was never trained (or cannot go)
+        raise InputError(f"the longest prompt ({longest - max_new_tokens} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {longest} exceeds {model.name}'s {model.config.max_positions} "
+                         "positions; lower --max-new-tokens or shorten the prompt")
     B = len(prompt_ids)
     n_devices = 1 if mesh is None else mesh.shape["data"]
     n_prompts = B  # pad with copies of the first prompt so rows divide evenly over the mesh
@@ -314,7 +313,7 @@ def encode_prompts(tok: Tokenizer, prompts, chat: bool) -> list[list[int]]:
     """Texts or id lists -> non-empty id lists. Chat prompts are rendered, then encoded without
     an extra BOS (the template writes its own, as Hugging Face's apply_chat_template does)."""
     if len(prompts) == 0:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     if all(isinstance(p, str) for p in prompts):
         if chat:
             plain = dataclasses.replace(tok, add_bos=False)
@@ -322,14 +321,14 @@ def encode_prompts(tok: Tokenizer, prompts, chat: bool) -> list[list[int]]:
         else:
             ids = [tok.encode(p) for p in prompts]
     elif chat:
-        raise ValueError("chat=True needs text prompts, not token ids")
+        raise InputError("chat=True needs text prompts, not token ids")
     elif any(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be all texts or all token id lists")
+        raise InputError("prompts must be all texts or all token id lists")
     else:
         ids = [[int(i) for i in p] for p in prompts]
     empty = [i for i, p in enumerate(ids) if not p]
     if empty:
-        raise ValueError(f"prompts {empty} encode to no tokens; generation needs at least one")
+        raise InputError(f"prompts {empty} encode to no tokens; generation needs at least one")
     return ids
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtrust.core.errors import InputError
 from jtrust.core import store
 from jtrust.models import lora as lora_lib
 from jtrust.models.config import ModelConfig
@@ -44,7 +45,7 @@ def packed_examples(ids: np.ndarray, seq_len: int) -> Examples:
     ids = np.asarray(ids, np.int32)
     n = len(ids) // (seq_len + 1)
     if n == 0:
-        raise ValueError(f"{len(ids)} tokens are fewer than one window of {seq_len + 1}")
+        raise InputError(f"{len(ids)} tokens are fewer than one window of {seq_len + 1}")
     windows = ids[: n * (seq_len + 1)].reshape(n, seq_len + 1)
     ones = np.ones((n, seq_len), np.int32)
     return Examples(windows[:, :-1], ones, windows[:, 1:], ones.astype(np.float32))
@@ -55,14 +56,14 @@ def prompt_answer_examples(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]
     """Supervised pairs: the loss covers the answer tokens and the closing EOS, not the prompt.
     Rows are right-padded to seq_len; pairs longer than that are an error."""
     if not pairs:
-        raise ValueError("no (prompt, answer) pairs to train on")
+        raise InputError("no (prompt, answer) pairs to train on")
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     rows, weights = [], []
     for prompt, answer in pairs:
         p, a = tokenizer.encode(prompt), tokenizer.backend.encode(answer, add_special_tokens=False).ids + eos
         seq = p + a
         if len(seq) > seq_len + 1:
-            raise ValueError(f"a pair has {len(seq)} tokens, more than seq_len + 1 = {seq_len + 1}: "
+            raise InputError(f"a pair has {len(seq)} tokens, more than seq_len + 1 = {seq_len + 1}: "
                              f"{prompt[:60]!r}; raise seq_len or shorten it")
         rows.append(seq)
         weights.append([0.0] * (len(p) - 1) + [1.0] * len(a))  # weight of predicting token i+1
@@ -144,7 +145,7 @@ def lm_loss(model_config: ModelConfig, config: TrainConfig, objective: Objective
 def perplexity_eval(examples: Examples, batch_size: int = 16, name: str = "val") -> Callable[[Model], dict]:
     """An evaluation callback: token-weighted mean NLL and perplexity of `examples`."""
     if len(examples.tokens) == 0:
-        raise ValueError("the evaluation set is empty")
+        raise InputError("the evaluation set is empty")
     loss_fn = jax.jit(token_loss_sum, static_argnames=("config", "dtype"))
 
     def evaluate(model: Model) -> dict[str, float]:
@@ -190,7 +191,7 @@ def train(model: Model, examples: Examples | Mapping[str, Examples], config: Tra
     """
     streams = dict(examples) if isinstance(examples, Mapping) else {"": examples}
     if not streams:
-        raise ValueError("no example streams given")
+        raise InputError("no example streams given")
     for name, ex in streams.items():
         _check_examples(ex, model.config, config, name)
     data_hash = (store.arrays_hash(examples) if not isinstance(examples, Mapping) else store.text_hash(
@@ -241,13 +242,13 @@ def _check_examples(examples: Examples, model_config: ModelConfig, config: Train
                     stream: str = "") -> None:
     what = f"the {stream!r} examples" if stream else "the examples"
     if len(examples.tokens) == 0:
-        raise ValueError(f"no training examples in {what}")
+        raise InputError(f"no training examples in {what}")
     shapes = {a.shape for a in examples}
     if len(shapes) != 1 or len(examples.tokens.shape) != 2:
-        raise ValueError(f"{what} must be four [N, T] arrays, got shapes {sorted(shapes)}")
+        raise InputError(f"{what} must be four [N, T] arrays, got shapes {sorted(shapes)}")
     top = int(max(examples.tokens.max(), examples.targets.max()))
     if top >= model_config.vocab_size or min(examples.tokens.min(), examples.targets.min()) < 0:
-        raise ValueError(f"token id {top} in {what} is outside the model's vocabulary of "
+        raise InputError(f"token id {top} in {what} is outside the model's vocabulary of "
                          f"{model_config.vocab_size}: they were tokenized for another model")
     if not examples.weights.sum() > 0:
-        raise ValueError(f"every loss weight in {what} is zero: nothing to train on")
+        raise InputError(f"every loss weight in {what} is zero: nothing to train on")

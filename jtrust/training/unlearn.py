@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jtrust.core.errors import InputError
 from jtrust.training.lm import Examples, Objective, token_log_probs
 
 METHODS = ("ga", "gd", "npo")
@@ -59,7 +60,7 @@ def unlearning_objective(method: str, entropy: bool = False, beta: float = 0.05,
     """The objective of `method` ('ga', 'gd' or 'npo'), with entropy optimization if asked.
     NPO needs `reference=` (the parameters before unlearning) in `train`."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+        raise InputError(f"method must be one of {METHODS}, not {method!r}")
     lf, lr = (lambda_forget, lambda_retain) if entropy else (0.0, 0.0)
     name = method + (f"(beta={beta})" if method == "npo" else "") + (f"+eo({lf},{lr})" if entropy else "")
     return Objective(name, functools.partial(_objective, method=method, beta=beta,

@@ -43,9 +43,9 @@ def test_values_are_parsed_by_field_type():
         SteerOptions(n_prompts=8, source="step10")
 
 
-@pytest.mark.parametrize("argv, message", [(["--layers", "abc"], "--layers: 'abc' is not an integer"),
-                                           (["--n", "1.5"], "--n: '1.5' is not an integer"),
-                                           (["--strengths", ","], "--strengths: give at least one value")])
+@pytest.mark.parametrize("argv, message", [(["--layers", "abc"], "argument --layers: 'abc' is not an integer"),
+                                           (["--n", "1.5"], "argument --n: '1.5' is not an integer"),
+                                           (["--strengths", ","], "argument --strengths: give at least one value")])
 def test_bad_values_name_the_flag(argv, message, capsys):
     parser = argparse.ArgumentParser(prog="jtrust")
     add_flags(parser, Example)
