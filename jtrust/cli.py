@@ -112,8 +112,9 @@ def cmd_demo(args) -> None:
     print(f"extract: {len(texts)} '{data.name}' statements x {c.n_layers} layers of resid_post "
           f"({n_tokens} tokens) in {t_extract:.1f} s incl. compile, {n_tokens / t_extract:.0f} tokens/s"
           f" -> {args.out}")
-    labels = data.labels[: args.n]
-    gap = np.linalg.norm(last[labels == 1].mean(0) - last[labels == 0].mean(0))
+    labels = np.zeros(len(texts)) if data.labels is None else data.labels[: args.n]
+    gap = (np.linalg.norm(last[labels == 1].mean(0) - last[labels == 0].mean(0))
+           if len(set(labels.tolist())) == 2 else float("nan"))  # an unlabelled or one-class file
     print(f"  last-layer class-mean distance (label 1 vs 0): {gap:.2f}; "
           f"activation norm {np.linalg.norm(last, axis=1).mean():.1f}")
 
@@ -148,7 +149,8 @@ def cmd_trace(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from jtrust.pipelines.evaluate import evaluate, read_prompts, write
+    from jtrust.data import read_prompts
+    from jtrust.pipelines.evaluate import evaluate, write
     from jtrust.io.loading import load
     options = from_flags(EvaluateOptions, args)
     prompts, references = read_prompts(args.prompts)

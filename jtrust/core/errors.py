@@ -16,3 +16,7 @@ class InputError(ValueError):
 
 class MissingInput(InputError, FileNotFoundError):
     """A path the user gave does not exist."""
+
+
+class OutputExists(InputError, FileExistsError):
+    """An output path the user gave exists and would be overwritten."""

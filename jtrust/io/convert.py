@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import init_params
 
@@ -115,8 +116,9 @@ def _normalise_names(tensors: dict[str, np.ndarray], family: str) -> dict[str, n
 def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, source: str = "checkpoint"):
     """Convert HF-named float arrays to the jtrust pytree (float32 numpy), checking every shape.
 
-    Raises ValueError naming `source` and the tensor when something is missing,
-    unexpected or of the wrong shape.
+    Raises InputError (a ValueError) naming `source` and the tensor when something is missing,
+    unexpected or of the wrong shape. Finiteness is checked where tensors are read
+    (`jtrust.io.raw.check_finite`, by the GGUF and Hugging Face readers).
     """
     tensors = _normalise_names(tensors, config.family)
     if config.tie_embeddings:  # some writers keep the tied copy; the embedding is the source of truth
@@ -130,22 +132,33 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, source: st
         for i in layers:
             name = src.format(i=i)
             if name not in tensors:
-                raise ValueError(f"{source}: tensor {name!r} is missing (does the config match "
+                raise InputError(f"{source}: tensor {name!r} is missing (does the config match "
                                  f"the weights? expected a {config.family} model with "
                                  f"{config.n_layers} layers)")
             used.add(name)
-            stacked.append(np.asarray(fn(np.asarray(tensors[name])), np.float32))
+            raw = np.asarray(tensors[name])
+            try:
+                stacked.append(np.asarray(fn(raw), np.float32))
+            except (ValueError, IndexError, TypeError) as err:  # a reshape the shape cannot take
+                raise InputError(f"{source}: tensor {name!r} has shape {raw.shape}, which does not "
+                                 f"fit the {config.family} config ({err}); the config does not "
+                                 "match the weights") from None
+        odd = next((i for i, w in enumerate(stacked) if w.shape != stacked[0].shape), None)
+        if odd is not None:
+            raise InputError(f"{source}: tensor {src.format(i=odd)!r} has shape {stacked[odd].shape} "
+                             f"after conversion but {src.format(i=0)!r} has {stacked[0].shape}; "
+                             "every layer must have the same shapes")
         value = stacked[0] if layers == [None] else np.stack(stacked)
         full = ("blocks",) + path if "{i}" in src else path
         want = _get(expected, full).shape
         if value.shape != tuple(want):
-            raise ValueError(f"{source}: tensor {src.format(i=0)!r} has shape {value.shape} after "
+            raise InputError(f"{source}: tensor {src.format(i=0)!r} has shape {value.shape} after "
                              f"conversion but the config implies {tuple(want)}; the config does not "
                              "match the weights")
         _set(params, full, value)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} tensors the {config.family} config does not "
+        raise InputError(f"{source}: {len(unexpected)} tensors the {config.family} config does not "
                          f"account for, e.g. {unexpected[:3]}; the config does not match the weights")
     return params
 

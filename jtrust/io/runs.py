@@ -7,8 +7,11 @@ Layout (any parameter pytree; the language-model files are added by `jtrust.trai
   checkpoints/<step>/state    step, trainable pytree, optimizer state: what resume reads
   checkpoints/<step>/params   a language model's full parameters: what `jtrust.load` reads
   tokenizer.json, jtrust_tokenizer.json   (language-model runs)
+  .jtrust.lock                 while a run trains into the directory (`jtrust.core.store.lock_dir`,
+                              taken by `jtrust.training.fit`): one writer at a time
 Orbax writes a step under a temporary name and renames it to the bare number once complete,
-so `run_steps` lists only finished checkpoints.
+so `run_steps` lists only finished checkpoints. Directories are created with the ordinary
+modes (the umask applies), orbax's included.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Iterable
 import jax
 
 from jtrust.core import store
+from jtrust.core.errors import InputError, MissingInput
 from jtrust.core.store import content_hash
 from jtrust.io.params import restore_params
 from jtrust.models.config import ModelConfig
@@ -33,7 +37,8 @@ METRICS = "metrics.jsonl"
 
 def start_run(out: pathlib.Path, manifest: dict, files: dict[str, str] | None = None) -> None:
     """Begin a run in `out` (its `files` first, the manifest last: its presence means "a run"),
-    or check that `out` already holds this very run (every manifest entry equal)."""
+    or check that `out` already holds this very run (every manifest entry equal). The caller
+    holds `out`'s lock (`jtrust.core.store.lock_dir`)."""
     marker = out / RUN_MARKER
     if jax.process_index() != 0:  # process 0 writes; orbax coordinates the checkpoints itself
         return
@@ -42,7 +47,7 @@ def start_run(out: pathlib.Path, manifest: dict, files: dict[str, str] | None = 
         keys = sorted((set(stored) | set(manifest)) - {"format"})
         for diff in store.identity_diff(stored, manifest, keys):
             key = diff.split(":")[0]
-            raise ValueError(f"{out} holds a run with another {key.replace('_', ' ')} ({diff}); resume "
+            raise InputError(f"{out} holds a run with another {key.replace('_', ' ')} ({diff}); resume "
                              "it with the same settings, or choose another output directory")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -95,13 +100,13 @@ def read_run_checkpoint(root: pathlib.Path, step: int) -> Model:
     """One step of a language-model training run as a Model named "step<N>"."""
     manifest = json.loads((root / RUN_MARKER).read_text())
     if "model_config" not in manifest:
-        raise ValueError(f"{root} is a training run of a parameter pytree, not of a language model; "
+        raise InputError(f"{root} is a training run of a parameter pytree, not of a language model; "
                          "read its states with jtrust.training.restore_state")
-    config = ModelConfig.from_dict(manifest["model_config"])
+    config = ModelConfig.from_dict(manifest["model_config"], source=root / RUN_MARKER)
     tokenizer = Tokenizer.from_dir(root)
     params_dir = root / "checkpoints" / str(step) / "params"
     if not params_dir.is_dir():
-        raise FileNotFoundError(f"{params_dir} is missing: step {step} of {root} was not saved "
+        raise MissingInput(f"{params_dir} is missing: step {step} of {root} was not saved "
                                 f"(saved steps: {run_steps(root)})")
     params = restore_params(params_dir, config, root / RUN_MARKER)
     return Model(config, params, tokenizer, name=f"step{step}", checkpoint_hash=content_hash(params_dir))
@@ -110,7 +115,7 @@ def read_run_checkpoint(root: pathlib.Path, step: int) -> Model:
 def run_series(root: pathlib.Path) -> Series:
     steps = run_steps(root)
     if not steps:
-        raise ValueError(f"{root} is a training run without finished checkpoints yet")
+        raise InputError(f"{root} is a training run without finished checkpoints yet")
     return Series(name=str(root), checkpoints=tuple(
         Checkpoint(name=f"step{s}", step=s, load=lambda s=s: read_run_checkpoint(root, s)) for s in steps))
 

@@ -13,9 +13,7 @@ median, each holding with probability >= 1 - alpha).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from jtrust.analysis import bounds
 from jtrust.core import store
+from jtrust.core.errors import InputError
 from jtrust.core.options import check, option
 from jtrust.runtime.generate import Sampling, encode_prompts, generate
 from jtrust.models.model import Model
@@ -109,7 +108,7 @@ def exact_match(prediction: str, reference: str) -> float:
 def _per_text(fn: Callable[[str, str], float]) -> BatchScorer:
     def score(prompts, answers, references):
         if references is None:
-            raise ValueError("this scorer compares answers with references: give each prompt a "
+            raise InputError("this scorer compares answers with references: give each prompt a "
                              "reference (an 'answer' or 'reference' field in the prompts file)")
         return np.array([[fn(a, r) for a in row] for row, r in zip(answers, references)], np.float64)
     return score
@@ -145,48 +144,10 @@ def get_scorer(name: str | BatchScorer, scorer_model: Model | None = None) -> Ba
         return _per_text(exact_match)
     if name == "toxicity":
         if scorer_model is None:
-            raise ValueError("the toxicity scorer reads a model: pass scorer_model (the embedded "
+            raise InputError("the toxicity scorer reads a model: pass scorer_model (the embedded "
                              "model, jtrust.load('smollm2'); the CLI's --scorer-model)")
         return toxicity_scorer(scorer_model)
-    raise ValueError(f"unknown scorer {name!r}: use rougeL, exact, toxicity or a function")
-
-
-# ---------------------------------------------------------------- prompts files
-
-
-def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
-    """(prompts, references or None) from .json (a list of objects), .jsonl, .csv or .txt (one
-    prompt per line). The prompt field is 'prompt', 'question' or 'text'; the reference field,
-    if any, 'reference' or 'answer' (TOFU's files read as they are)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompts file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        rows = [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"{path}: prompts must be .json, .jsonl, .csv or .txt, not {suffix!r}")
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path} holds no prompts")
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every entry must be an object with a 'prompt' or 'question' field")
-    field = next((k for k in ("prompt", "question", "text") if k in rows[0]), None)
-    if field is None:
-        raise ValueError(f"{path}: no 'prompt', 'question' or 'text' field (found {sorted(rows[0])})")
-    ref = next((k for k in ("reference", "answer") if k in rows[0]), None)
-    missing = [i for i, r in enumerate(rows) if not str(r.get(field, "")).strip()
-               or (ref is not None and ref not in r)]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} entries lack a {field!r}"
-                         f"{' or ' + repr(ref) if ref else ''} (first: entry {missing[0]})")
-    return [str(r[field]) for r in rows], None if ref is None else [str(r[ref]) for r in rows]
+    raise InputError(f"unknown scorer {name!r}: use rougeL, exact, toxicity or a function")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -225,11 +186,11 @@ def evaluate(model: Model, prompts: Sequence[str], references: Sequence[str] | N
     n, alpha, sampling, chat, max_new_tokens = o.n, o.alpha, o.sampling, o.chat, o.max_new_tokens
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts to evaluate")
+        raise InputError("no prompts to evaluate")
     if references is not None and len(references) != len(prompts):
-        raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+        raise InputError(f"{len(references)} references for {len(prompts)} prompts")
     if sampling.temperature == 0:
-        raise ValueError("sampled evaluation needs temperature > 0 (the greedy answer is reported beside it)")
+        raise InputError("sampled evaluation needs temperature > 0 (the greedy answer is reported beside it)")
     if scorer_model is None and scorer is None and o.scorer == "toxicity":
         from jtrust.analysis.scorers import load_scorer
         if model.checkpoint_hash == load_scorer("toxicity").checkpoint_hash:
@@ -282,28 +243,31 @@ def aggregate(results: Sequence[PromptResult]) -> dict:
 def _checked_scores(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     scores = np.asarray(scores, np.float64)
     if scores.shape != shape:
-        raise ValueError(f"the scorer returned shape {scores.shape}, expected {shape}")
+        raise InputError(f"the scorer returned shape {scores.shape}, expected {shape}")
     if np.isnan(scores).any() or scores.min() < 0 or scores.max() > 1:
-        raise ValueError("scores must lie in [0, 1]; rescale the scorer")
+        raise InputError("scores must lie in [0, 1]; rescale the scorer")
     return scores
 
 
 # ---------------------------------------------------------------- output
 
 
-def write(ev: Evaluation, out_dir: str | os.PathLike) -> pathlib.Path:
+def write(ev: Evaluation, out_dir: str | os.PathLike, *, wait: float = 0.0) -> pathlib.Path:
     """results.json (settings, aggregate, per prompt), scores.npz and scores.png under out_dir;
-    each file written to a temporary name and renamed."""
+    each file written to a temporary name and renamed, holding out_dir's lock
+    (`jtrust.core.store.lock_dir`: another writer there makes this wait up to `wait` seconds,
+    then raise InputError)."""
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per_prompt = [{"prompt": r.prompt, "reference": r.reference, "greedy_answer": r.greedy_answer,
                    "greedy_score": r.greedy_score, **r.summary._asdict(),
                    "examples": r.answers[:4]} for r in ev.results]
-    store.write_json(out / "results.json",
-                     {"settings": ev.settings, "aggregate": ev.aggregate, "prompts": per_prompt})
-    store.save_npz(out / "scores.npz", scores=np.stack([r.scores for r in ev.results]),
-                   greedy=np.array([r.greedy_score for r in ev.results]))
-    plot_scores(ev, out / "scores.png")
+    with store.lock_dir(out, wait):  # creates out_dir
+        store.clean_temp(out)  # left by a killed writer
+        store.write_json(out / "results.json",
+                         {"settings": ev.settings, "aggregate": ev.aggregate, "prompts": per_prompt})
+        store.save_npz(out / "scores.npz", scores=np.stack([r.scores for r in ev.results]),
+                       greedy=np.array([r.greedy_score for r in ev.results]))
+        plot_scores(ev, out / "scores.png")
     return out / "results.json"
 
 

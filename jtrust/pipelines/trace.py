@@ -9,6 +9,7 @@ strengths on a target model, each with its trust rate and held-out perplexity.
 Every cell is a JSON file written atomically under out_dir/cells/ with the key it was computed
 from; a re-run skips cells whose key matches, so a crash loses at most the running cell. The
 report (results.csv / results.json, PNG plots, report.md, report.html) is rebuilt from the cells.
+One trace at a time writes an out_dir: the call holds its lock (out_dir/.jtrust.lock).
 
 Layout of out_dir:
   cells/<checkpoint>/<dimension>.probe.json, .mi.json, .vectors.npz (mass-mean, every layer)
@@ -30,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import tqdm
 
+from jtrust.core.errors import InputError
 from jtrust.analysis.mi import information_plane
 from jtrust.analysis.probe import probe_layers, split_indices
 from jtrust.analysis.steer import METRICS, VARIANTS, mass_mean_vector
@@ -104,12 +106,14 @@ class SteerOptions:
 
 def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLike,
           options: TraceOptions = TraceOptions(), steer: SteerOptions | None = None,
-          progress: bool = True) -> pathlib.Path:
+          progress: bool = True, wait: float = 0.0) -> pathlib.Path:
     """Run every missing cell, then write the report. Returns the report's path (report.html).
 
     dims: bundled dimension names ('all' = every one) and/or paths of labelled .csv/.jsonl files
       (a text column and a 0/1 label), each traced, steered and reported like a bundled one
       under its file stem.
+    wait: seconds to wait for another process tracing into out_dir to finish (then InputError);
+      the whole call holds out_dir's lock (`jtrust.core.store.lock_dir`).
     """
     out = pathlib.Path(out_dir)
     datasets = _dimensions(dims, options.limit)
@@ -118,6 +122,12 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
     names = series.names if series else [models.name]
     if steer is not None:
         _check_steer(steer, names)
+    with store.lock_dir(out, wait):
+        store.clean_temp(out, recursive=True)  # left by a killed run (cells, vectors, plots)
+        return _trace(models, series, names, dims, datasets, out, options, steer, progress)
+
+
+def _trace(models, series, names, dims, datasets, out, options, steer, progress) -> pathlib.Path:
     checkpoints = iter(series) if series else iter([models])
     bar = tqdm.tqdm(total=len(names) * len(dims), unit="cell", desc="trace", disable=not progress)
     steer_source = None
@@ -131,7 +141,7 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
     bar.close()
     if steer is not None:
         if steer_source is None:
-            raise ValueError(f"steering source {steer.source!r} is not a checkpoint of this run: {names}")
+            raise InputError(f"steering source {steer.source!r} is not a checkpoint of this run: {names}")
         run_steering(steer_source, steer, out, options, progress)
     steps = [c.step for c in series.checkpoints] if series else None
     return write_report(out, names, dims, steps)
@@ -141,7 +151,7 @@ def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, opt
                  progress: bool) -> None:
     layers = list(range(model.config.n_layers)) if options.layers is None else sorted(set(options.layers))
     if layers[-1] >= model.config.n_layers or layers[0] < 0:
-        raise ValueError(f"layers {layers} out of range for {model.name}'s {model.config.n_layers} blocks")
+        raise InputError(f"layers {layers} out of range for {model.name}'s {model.config.n_layers} blocks")
     key = dict(format=CELL_FORMAT, checkpoint_hash=model.checkpoint_hash, dataset_sha256=data.sha256,
                n=len(data.texts), layers=layers)
     probe_key = dict(key, split=options.split, seed=options.seed, c=options.c, solver="lbfgs")
@@ -186,13 +196,14 @@ def _drop_stale_activations(acts_dir: pathlib.Path, model: Model, data, layers: 
                             batch_size: int) -> None:
     """The activations folder is the trace's scratch: one left by other settings is removed
     (extract would refuse to mix them)."""
-    from jtrust.runtime.extract import dataset_hash
+    from jtrust.runtime.extract import FORMAT, dataset_hash
     try:
         manifest = json.loads((acts_dir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         manifest = None
-    wanted = dict(checkpoint_hash=model.checkpoint_hash, dataset_hash=dataset_hash(data.texts),
-                  layers=layers, batch_size=batch_size, pool="last", sites=["resid_post"])
+    wanted = dict(format=FORMAT, checkpoint_hash=model.checkpoint_hash,
+                  dataset_hash=dataset_hash(data.texts), layers=layers, batch_size=batch_size,
+                  pool="last", sites=["resid_post"])
     if acts_dir.exists() and (manifest is None or any(manifest.get(k) != v for k, v in wanted.items())):
         shutil.rmtree(acts_dir)
 
@@ -204,14 +215,14 @@ def run_steering(source: Model, steer: SteerOptions, out: pathlib.Path, options:
     from jtrust.io.loading import load
     target = source if steer.target is None else load(steer.target)
     if isinstance(target, Series):
-        raise ValueError("the steering target must be one checkpoint, not a series")
+        raise InputError("the steering target must be one checkpoint, not a series")
     if target.config.d_model != source.config.d_model:
-        raise ValueError(f"cannot steer {target.name} (d_model {target.config.d_model}) with vectors "
+        raise InputError(f"cannot steer {target.name} (d_model {target.config.d_model}) with vectors "
                          f"from {source.name} (d_model {source.config.d_model})")
     steer = dataclasses.replace(steer, layers=steer.layers_of(min(source.config.n_layers, target.config.n_layers)))
     too_deep = [l for l in steer.layers if not 0 <= l < min(source.config.n_layers, target.config.n_layers)]
     if too_deep:
-        raise ValueError(f"steering layers {too_deep} do not exist in both {source.name} and {target.name}")
+        raise InputError(f"steering layers {too_deep} do not exist in both {source.name} and {target.name}")
     scorer_model = _scorer_model(target, steer.scorer_model)
     root = out / "cells" / "steer" / f"{safe_name(source.name)}->{safe_name(target.name)}"
     heldout = st.heldout_texts(steer.n_heldout)
@@ -309,7 +320,7 @@ def _dataset(dim: str, limit: int | None):
     for rows, use in ((data.labels, "the set"), (data.labels[:half], "the first half (steering vectors)"),
                       (data.labels[:cut], "the first 80% (probe training)")):
         if len(set(rows.tolist())) < 2:
-            raise ValueError(f"{use} of {dim}{f' cut to {limit} rows' if limit else ''} holds one "
+            raise InputError(f"{use} of {dim}{f' cut to {limit} rows' if limit else ''} holds one "
                              "class only; raise --limit")
     return data
 
@@ -319,15 +330,15 @@ def _check_steer(steer: SteerOptions, names: list[str]) -> None:
     from jtrust.analysis.steer import METRICS, VARIANTS
     unknown = [m for m in steer.metrics if m not in METRICS]
     if unknown or not steer.metrics:
-        raise ValueError(f"unknown steering metrics {unknown}; choose from {sorted(METRICS)}")
+        raise InputError(f"unknown steering metrics {unknown}; choose from {sorted(METRICS)}")
     if steer.variant not in VARIANTS:
-        raise ValueError(f"steering variant must be one of {VARIANTS}, not {steer.variant!r}")
+        raise InputError(f"steering variant must be one of {VARIANTS}, not {steer.variant!r}")
     if steer.source is not None and steer.source not in names:
-        raise ValueError(f"--steer-from {steer.source!r} is not a checkpoint of this run: {names}")
+        raise InputError(f"--steer-from {steer.source!r} is not a checkpoint of this run: {names}")
     if (steer.layers is not None and not steer.layers) or not steer.depths or not steer.strengths:
-        raise ValueError("steering needs at least one layer (or depth) and one strength")
+        raise InputError("steering needs at least one layer (or depth) and one strength")
     if steer.layers is None and not all(0 <= f <= 1 for f in steer.depths):
-        raise ValueError(f"steering depths are fractions of the model's depth, in [0, 1]: {steer.depths}")
+        raise InputError(f"steering depths are fractions of the model's depth, in [0, 1]: {steer.depths}")
 
 
 def _dimensions(specs: Sequence[str], limit: int | None) -> dict:
@@ -337,12 +348,12 @@ def _dimensions(specs: Sequence[str], limit: int | None) -> dict:
     specs = list(TRUST_DATASETS) if specs == ["all"] else list(dict.fromkeys(specs))
     unknown = [d for d in specs if d not in TRUST_DATASETS and not pathlib.Path(d).expanduser().is_file()]
     if unknown or not specs:
-        raise ValueError(f"unknown dimensions {unknown}; choose from {list(TRUST_DATASETS)} or 'all', "
+        raise InputError(f"unknown dimensions {unknown}; choose from {list(TRUST_DATASETS)} or 'all', "
                          "or give a labelled .csv/.jsonl file (a 'text' and a 0/1 'label' column)")
     names = [d if d in TRUST_DATASETS else pathlib.Path(d).stem for d in specs]
     for spec, name in zip(specs, names):
         if names.count(name) > 1 or (spec not in TRUST_DATASETS and name in TRUST_DATASETS):
-            raise ValueError(f"{spec}: a dimension named {name!r} is already traced; rename the "
+            raise InputError(f"{spec}: a dimension named {name!r} is already traced; rename the "
                              "file (a dimension is named by its file's stem)")
     return {name: _dataset(spec, limit) for spec, name in zip(specs, names)}
 

@@ -13,10 +13,13 @@ a pure function of the step (every leaf [accumulation, micro, ...]), so a resume
 data a straight run would have seen and ends with the same parameters. With a `Mesh`, batches
 are split over its 'data' axis and the state is replicated (data parallel; XLA inserts the
 gradient all-reduce). Language-model training (`jtrust.training.lm.train`) is one such loss.
+Process 0 holds the run directory's lock (`jtrust.core.store.lock_dir`) for the whole call, so
+a second run into the same directory waits up to `wait` seconds, then stops naming the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import time
@@ -28,6 +31,8 @@ import numpy as np
 import optax
 import tqdm
 
+from jtrust.core import store
+from jtrust.core.errors import InputError
 from jtrust.io import runs
 from jtrust.models import lora as lora_lib
 from jtrust.runtime import distributed
@@ -61,16 +66,16 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.accumulation < 1:
-            raise ValueError("steps, batch_size and accumulation must be >= 1")
+            raise InputError("steps, batch_size and accumulation must be >= 1")
         if self.batch_size % self.accumulation:
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of accumulation={self.accumulation}")
+            raise InputError(f"batch_size={self.batch_size} is not a multiple of accumulation={self.accumulation}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
+            raise InputError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
         bad = [s for s in self.save_steps if not 0 <= s <= self.steps]
         if bad:
-            raise ValueError(f"save_steps {bad} are outside 0..{self.steps}")
+            raise InputError(f"save_steps {bad} are outside 0..{self.steps}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -174,7 +179,7 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
         out_dir, *, manifest: dict, frozen: Any = None, files: dict[str, str] | None = None,
         on_checkpoint: Callable[[int, TrainState], tuple[dict, dict]] | None = None,
         items_per_step: tuple[str, float] | None = None, mesh: jax.sharding.Mesh | None = None,
-        progress: bool = True, stop_after: int | None = None) -> FitResult:
+        progress: bool = True, stop_after: int | None = None, wait: float = 0.0) -> FitResult:
     """Train `trainable` (any pytree) by `loss_fn` and keep its checkpoints in `out_dir`.
 
     batches(step): the step's micro-batches, a pytree whose leaves are [accumulation, micro, ...].
@@ -187,12 +192,41 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
       merged model}) are saved beside the state at save steps.
     items_per_step: ("tokens", n) logs n / seconds as "tokens_per_s".
     stop_after: end after that many steps of this call (used to test resuming).
+    wait: seconds to wait for another process training into out_dir to finish (then InputError).
     """
+    out = pathlib.Path(out_dir)
+    with contextlib.ExitStack() as locked:
+        _open_run(out, {"format": RUN_FORMAT, **manifest, "train_config": config.to_dict()}, files,
+                  locked, wait)
+        return _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_per_step,
+                    mesh, progress, stop_after)
+
+
+def _open_run(out: pathlib.Path, manifest: dict, files: dict[str, str] | None,
+              locked: contextlib.ExitStack, wait: float) -> None:
+    """On process 0: lock `out` (held by `locked`), remove what a killed run left half-written
+    and start or check the run there; every process raises if that failed."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            locked.enter_context(store.lock_dir(out, wait))
+            store.clean_temp(out)
+            runs.start_run(out, manifest, files)
+        except (ValueError, OSError) as e:  # raised below, after the others learn of it
+            error = e
+    if jax.process_count() > 1:
+        ok = distributed.broadcast_from_process_0(np.array([error is None], np.int32))[0]
+        if error is None and not ok:
+            raise InputError(f"process 0 could not open {out}; its error says why")
+    if error is not None:
+        raise error
+
+
+def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_per_step, mesh,
+         progress, stop_after) -> FitResult:
     import orbax.checkpoint as ocp
 
-    out = pathlib.Path(out_dir)
     optimizer = make_optimizer(config)
-    runs.start_run(out, {"format": RUN_FORMAT, **manifest, "train_config": config.to_dict()}, files)
     state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
     replicated = batch_sharding = None
@@ -200,7 +234,7 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         if (config.batch_size // config.accumulation) % mesh.size:
-            raise ValueError(f"micro-batch {config.batch_size // config.accumulation} does not split "
+            raise InputError(f"micro-batch {config.batch_size // config.accumulation} does not split "
                              f"over {mesh.size} devices; choose batch_size / accumulation divisible by it")
         state = distributed.replicate(state, mesh)
         frozen = distributed.replicate(frozen, mesh) if frozen is not None else None

@@ -38,8 +38,11 @@ def test_convert_info_extract_generate(tiny_checkpoints, tmp_path, capsys):
     assert [line["output"] for line in lines] == [t[0] for t in greedy.texts]
 
 
-def test_errors_are_messages_not_tracebacks(tmp_path):
-    with pytest.raises(SystemExit, match="jtrust info: no checkpoint at"):
-        main(["info", "--model", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="jtrust extract: no dataset at"):
-        main(["extract", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")])
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    for argv, message in ((["info", "--model", str(tmp_path / "missing")], "jtrust info: no checkpoint at"),
+                          (["extract", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")],
+                           "jtrust extract: no dataset at")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err

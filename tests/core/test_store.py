@@ -39,6 +39,24 @@ def test_temp_names_are_unique_and_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
 
 
+def test_clean_temp_removes_left_files_and_directories_of_one_name_or_all(tmp_path):
+    for name in (".ckpt.77-00ff.tmp", ".other.78-0a.tmp"):  # atomic_dir temps left by killed writers
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params").write_text("half")
+    (tmp_path / ".ckpt.lock.79-0b.tmp").write_text("another target's temp")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".cell.json.80-0c.tmp").write_text("half")
+    (tmp_path / "keep.tmp").write_text("not a temp name")  # no leading dot, no pid-hex
+    store.clean_temp(tmp_path, name="ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".ckpt.lock.79-0b.tmp", ".other.78-0a.tmp", "keep.tmp", "sub"]
+    store.clean_temp(tmp_path)  # not recursive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "sub"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == [".cell.json.80-0c.tmp"]
+    store.clean_temp(tmp_path, recursive=True)
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
 def test_atomic_dir_refuses_to_replace(tmp_path):
     with store.atomic_dir(tmp_path / "d") as tmp:
         (tmp / "f").write_text("1")

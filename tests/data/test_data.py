@@ -32,18 +32,19 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
         data.load_texts("robustness")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "holds no rows"),
-    ("sentence,label\nhello,1\n", "no text column"),
-    ("text,label\nhello,1\nworld,1\n", "every label is 1"),
-    ("text,label\nhello,1\nworld,2\n", "binary"),
-    ("text,label\nhello,1\n ,0\n", "empty texts, first at row 1"),
+@pytest.mark.parametrize("content, message, require_labels", [
+    ("", "holds no rows", False),
+    ("sentence,label\nhello,1\n", "no text column", False),
+    # one class is refused only where labels are needed (probes); extraction takes the file
+    ("text,label\nhello,1\nworld,1\n", "every label is 1", True),
+    ("text,label\nhello,1\nworld,2\n", "exactly 0 or 1", False),
+    ("text,label\nhello,1\n ,0\n", "empty texts, first at line 3", False),
 ])
-def test_user_csv_refusals(tmp_path, content, message):
+def test_user_csv_refusals(tmp_path, content, message, require_labels):
     path = tmp_path / "mine.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        data.load_texts(str(path))
+        data.load_texts(str(path), require_labels=require_labels)
 
 
 def test_user_jsonl_and_missing_file(tmp_path):

@@ -149,7 +149,7 @@ def test_streams_to_disk_and_resumes_after_a_crash(llama, tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(llama, TEXTS, out_dir=out, dataset_name="demo", **args)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not manifest["complete"] and [c["done"] for c in manifest["chunks"]] == [True, False, False]
+    assert not manifest["complete"] and [c["batches"] for c in manifest["chunks"]] == [[0, 1]]
     with pytest.raises(ValueError, match="incomplete.*rerun extract"):
         load_activations(out)
     (out / ".attn_out.00001.npy.4242-0a1b2c3d.tmp").write_bytes(b"half a chunk")  # as if killed mid-write
