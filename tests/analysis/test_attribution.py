@@ -197,6 +197,9 @@ def test_cg_matches_dense_solve(curvature, damping):
     got = attr.scores(MODEL, TRAIN, QUERIES, task=SMALL, progress=False,
                       options=options("cg", curvature=curvature, damping=damping, iterations=100, hessian_rows=10))
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    mean = attr.scores(MODEL, TRAIN, QUERIES, task=SMALL, progress=False, mean=True,
+                       options=options("cg", curvature=curvature, damping=damping, iterations=100, hessian_rows=10))
+    np.testing.assert_allclose(mean[0], expected.mean(0), rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
 def test_lissa_converges_to_the_dense_solve():
@@ -250,6 +253,10 @@ def test_dda_variants_combine_checkpoint_scores():
     np.testing.assert_allclose(out["contrastive"], last - s(ckpts[1], correct))
     np.testing.assert_allclose(out["contrastive_denoise"],
                                (first - s(ckpts[0], correct) + last - s(ckpts[1], correct)) / 2)
+    means = attr.dda(ckpts, base, TRAIN, QUERIES, task=TASK, options=options("ekfac"), correct=correct, mean=True)
+    full = attr.dda(ckpts, base, TRAIN, QUERIES, task=TASK, options=options("ekfac"), correct=correct)
+    for variant, matrix in full.items():
+        np.testing.assert_allclose(means[variant][0], matrix.mean(0), rtol=1e-4, atol=1e-6 * np.abs(matrix).max())
 
 
 def test_cache_resumes_and_refuses_another_model(tmp_path):

@@ -74,7 +74,9 @@ def eigenbases(cov: dict[str, dict]) -> dict[str, dict]:
 
 def rotate(grads: np.ndarray, basis: dict) -> np.ndarray:
     """Q_in^T G Q_out for grads [B, l, d_in, d_out] (float64)."""
-    return np.einsum("jia,bjio,jop->bjap", basis["q_in"], np.asarray(grads, np.float64), basis["q_out"])
+    # two matrix products (optimize=True), not numpy's default nested loop over all four indices
+    return np.einsum("jia,bjio,jop->bjap", basis["q_in"], np.asarray(grads, np.float64), basis["q_out"],
+                     optimize=True)
 
 
 def fit_module_factors(method: str, grads: Callable[[], Iterable[dict[str, np.ndarray]]],

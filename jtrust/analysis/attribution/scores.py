@@ -81,10 +81,12 @@ class Options:
 
 def scores(model: Model, train: Examples, queries: Examples, *, task: Task = Task(),
            options: Options = Options(), cache_dir: str | os.PathLike | None = None,
-           mesh: Mesh | None = None, progress: bool = True) -> np.ndarray:
+           mesh: Mesh | None = None, progress: bool = True, mean: bool = False) -> np.ndarray:
     """[M, N] float64 influence of every training row (train [N, T]) on every query row
-    (queries [M, S]). mesh: training rows are split over its 'data' axis (same scores)."""
-    return _Scorer(model, train, task, options, cache_dir, mesh, progress).scores(queries)
+    (queries [M, S]). mesh: training rows are split over its 'data' axis (same scores).
+    mean: [1, N], the mean over queries, computed as one query (the score is linear in the query
+    gradient), so a matrix-free method solves one system instead of M."""
+    return _Scorer(model, train, task, options, cache_dir, mesh, progress).scores(queries, mean)
 
 
 def self_influence(model: Model, train: Examples, *, task: Task = Task(), options: Options = Options(),
@@ -125,7 +127,7 @@ def token_scores(model: Model, train: Examples, query: Examples, *, task: Task =
 def dda(checkpoints: Sequence[Model] | Series, base: Model, train: Examples, queries: Examples, *,
         task: Task = Task(), options: Options = Options(), correct: Examples | None = None,
         beta: float = 1.0, cache_dir: str | os.PathLike | None = None, mesh: Mesh | None = None,
-        progress: bool = True) -> dict[str, np.ndarray]:
+        progress: bool = True, mean: bool = False) -> dict[str, np.ndarray]:
     """DDA's corrected influence (Wu et al., arXiv 2410.01285), every variant: name -> [M, N].
 
     checkpoints: the fine-tuning checkpoints in training order (e.g. one per epoch; the last is
@@ -137,6 +139,7 @@ def dda(checkpoints: Sequence[Model] | Series, base: Model, train: Examples, que
     correct: rows with the correct answers to the same queries (row i pairs with query i); adds
       the other reading of debias, influence toward the error minus toward the correct answer:
       contrastive  (error - correct) on the last checkpoint;  contrastive_denoise  its mean.
+    mean: every variant as [1, N], the mean over queries (see `scores`).
     """
     models = list(checkpoints)
     if not models:
@@ -149,7 +152,7 @@ def dda(checkpoints: Sequence[Model] | Series, base: Model, train: Examples, que
             raise InputError(f"checkpoint {m.name} has another architecture than the base model "
                              f"{base.name}; DDA compares checkpoints of one fine-tuning run")
     run = lambda model, rows: scores(model, train, rows, task=task, options=options, cache_dir=cache_dir,
-                                     mesh=mesh, progress=progress)
+                                     mesh=mesh, progress=progress, mean=mean)
     per_ckpt = [run(m, queries) for m in models]
     prior = run(base, queries)
     out = {"raw": per_ckpt[-1], "debias": per_ckpt[-1] - beta * prior,
@@ -271,8 +274,16 @@ class _Scorer:
 
     # -- training gradients (cached, resumable) ---------------------------------------------
 
+    @functools.cached_property
+    def _train(self) -> tuple[list, dict]:
+        return self._train_pass()
+
     def _train_grads(self) -> tuple[list, dict]:
-        """(a list of loaders of chunk gradients name -> [B, l, d_in, d_out], normalized covariances)."""
+        """(a list of loaders of chunk gradients name -> [B, l, d_in, d_out], normalized covariances);
+        one pass per scorer, kept in memory or (with a cache) in chunk files."""
+        return self._train
+
+    def _train_pass(self) -> tuple[list, dict]:
         loaders, sums, tokens = [], {}, 0.0
         for i, (rows, batch) in enumerate(self._chunks(self.train, "training gradients")):
             path = None if self.dir is None else self.dir / f"grads-{i:05d}.npz"
@@ -315,18 +326,20 @@ class _Scorer:
 
     # -- scores -----------------------------------------------------------------------------
 
-    def scores(self, queries: Examples) -> np.ndarray:
+    def scores(self, queries: Examples, mean: bool = False) -> np.ndarray:
         check_rows(queries, self.model.config, "query")
         queries = Examples(*(np.asarray(x) for x in queries))
-        path = None if self.dir is None else self.dir / f"scores-{self.options.key()}-{store.arrays_hash(queries)}.npy"
+        name = f"scores-{self.options.key()}-{store.arrays_hash(queries)}{'-mean' if mean else ''}.npy"
+        path = None if self.dir is None else self.dir / name
         if path is not None and path.exists():
             return np.load(path)
         if self.options.method in curv.FREE_METHODS or self.task.modules is None:
-            out = self._flat_scores(queries)
-        elif self.options.method == "identity" and not self.options.project:
-            out = self._ghost_scores(queries)
+            out = self._flat_scores(queries, mean)
+        elif self.options.method == "identity" and not self.options.project and self.dir is None:
+            out = self._ghost_scores(queries)  # nothing to cache: no per-example gradient is formed
+            out = out.mean(0, keepdims=True) if mean else out
         else:
-            out = self._module_scores(queries)
+            out = self._module_scores(queries, mean)
         if path is not None:
             store.save_npy(path, out)
         return out
@@ -337,11 +350,14 @@ class _Scorer:
         return {n: np.concatenate([np.asarray(g[n])[: r.stop - r.start] for r, g in parts])
                 for n in self.task.modules.names}
 
-    def _module_scores(self, queries: Examples) -> np.ndarray:
+    def _module_scores(self, queries: Examples, mean: bool) -> np.ndarray:
         loaders, cov = self._train_grads()
         factors = self._factors(loaders, cov)
-        pq = curv.apply_module_factors(self._query_grads(queries), factors)
-        out = np.zeros((queries.tokens.shape[0], self.train.tokens.shape[0]))
+        q = self._query_grads(queries)
+        if mean:
+            q = {n: g.mean(0, keepdims=True) for n, g in q.items()}
+        pq = curv.apply_module_factors(q, factors)
+        out = np.zeros((len(next(iter(q.values()))), self.train.tokens.shape[0]))
         start = 0
         for load in loaders:
             grads = load()
@@ -378,9 +394,25 @@ class _Scorer:
     # -- matrix-free and whole-model paths --------------------------------------------------
 
     def _flat(self, rows: Examples, fn: str, desc: str) -> Iterator[tuple[slice, np.ndarray]]:
+        """Raveled per-row gradients [B, D] chunk by chunk (`ravel_pytree` order: names sorted).
+        With modules they come from the module pass, and the training rows' from its cache."""
+        if self.task.modules is None:
+            for sl, batch in self._chunks(rows, desc):
+                g = _flat_pass(self.params, batch, config=self.model.config, task=self.task, fn=self._fn(fn))
+                yield sl, np.asarray(g)[: sl.stop - sl.start]
+            return
+        ravel = lambda grads, n: np.concatenate([np.asarray(grads[k])[:n].reshape(n, -1)
+                                                 for k in sorted(grads)], axis=1)
+        if rows is self.train:
+            start = 0
+            for load in self._train_grads()[0]:
+                grads = load()
+                n = len(next(iter(grads.values())))
+                yield slice(start, start + n), ravel(grads, n)
+                start += n
+            return
         for sl, batch in self._chunks(rows, desc):
-            g = _flat_pass(self.params, batch, config=self.model.config, task=self.task, fn=self._fn(fn))
-            yield sl, np.asarray(g)[: sl.stop - sl.start]
+            yield sl, ravel(self._pass(batch, fn, "grads")[0], sl.stop - sl.start)
 
     def _preconditioner(self):
         """v [M, D] -> H^-1 v for the flat methods (identity, diagonal, cg, lissa)."""
@@ -411,10 +443,10 @@ class _Scorer:
 
         return apply
 
-    def _flat_scores(self, queries: Examples) -> np.ndarray:
+    def _flat_scores(self, queries: Examples, mean: bool) -> np.ndarray:
         pre = self._preconditioner()
         q = np.concatenate([g for _, g in self._flat(queries, "measure", "query gradients")])
-        pq = pre(q)
+        pq = pre(q.mean(0, keepdims=True) if mean else q)
         out = np.zeros((q.shape[0], self.train.tokens.shape[0]))
         for sl, g in self._flat(self.train, "loss", "training gradients"):
             out[:, sl] = pq @ g.astype(np.float64).T
