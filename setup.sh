@@ -22,6 +22,9 @@ install_oracles() {
   # multi-GB CUDA build. pip finds it where a CPU wheel is offered (README: "Tests").
   python -c "import torch" 2>/dev/null || pip "torch==2.13.0+cpu"
   pip -e '.[test]'
+  # kronfluence (the influence-function oracle) without its declared torchvision, which would
+  # replace the CPU torch by a CUDA build; it never imports torchvision (its deps are in [test])
+  python -c "import kronfluence" 2>/dev/null || pip --no-deps "kronfluence==1.0.1"
 }
 
 case "${1:-}" in

@@ -1,4 +1,4 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from jtrust.core.errors import InputError
 from jtrust.core.options import add_flags, from_flags
 from jtrust.models.sites import SITES
+from jtrust.pipelines.attribute import AttributeOptions
 from jtrust.pipelines.evaluate import EvaluateOptions
 from jtrust.pipelines.trace import SteerOptions, TraceOptions
 from jtrust.runtime.generate import Sampling
@@ -175,6 +176,19 @@ def cmd_evaluate(args) -> None:
     print(f"results: {path}; plot: {path.parent / 'scores.png'}")
 
 
+def cmd_attribute(args) -> None:
+    import json as json_
+    from jtrust.io.loading import load
+    from jtrust.pipelines.attribute import attribute
+    options = from_flags(AttributeOptions, args)
+    t = time.perf_counter()
+    report = attribute(load(args.model), args.out, options)
+    results = json_.loads((report.parent / "results.json").read_text())["results"]
+    for r in sorted(results, key=lambda r: -r["auc"]):
+        print(f"{r['method']:>9} {r['variant']:<20} AUC {r['auc']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
+    print(f"attribute finished in {time.perf_counter() - t:.0f} s; report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the traceback of a bad-input error"
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
@@ -245,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the embedded model it was trained on; reused when it is --model)")
     add_flags(s, EvaluateOptions)
     s.set_defaults(fn=cmd_evaluate)
+
+    s = command("attribute", help="hallucination tracing: canaries, LoRA fine-tune, attribution AUC, report")
+    s.add_argument("--model", default="smollm2", help="the model to fine-tune (one checkpoint)")
+    s.add_argument("--out", default="runs/attribute")
+    add_flags(s, AttributeOptions)
+    s.set_defaults(fn=cmd_attribute)
     return p
 
 

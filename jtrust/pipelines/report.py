@@ -34,8 +34,8 @@ def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: S
     rows, steering = read_cells(out)
     rows = [r for r in rows if r["checkpoint"] in order and r["dimension"] in dims]
     rows.sort(key=lambda r: (list(dims).index(r["dimension"]), order.index(r["checkpoint"]), r["layer"]))
-    _write_table(out / "results.csv", rows, ROW_FIELDS)
-    _write_table(out / "steering.csv", steering, STEER_FIELDS)
+    write_table(out / "results.csv", rows, ROW_FIELDS)
+    write_table(out / "steering.csv", steering, STEER_FIELDS)
     store.write_text(out / "results.json", json.dumps(dict(checkpoints=order, dimensions=list(dims),
                                                         rows=rows, steering=steering), indent=1))
     plots = out / "plots"
@@ -72,9 +72,9 @@ def write_report(out_dir: str | os.PathLike, checkpoints: Sequence[str], dims: S
                    "normalized HSIC (the released TracingLLM estimator); only trends are "
                    "meaningful, not absolute values. Fairness separates related from unrelated "
                    "StereoSet continuations; it is not a stereotype detector.")]
-    store.write_text(out / "report.md", _markdown(page))
+    store.write_text(out / "report.md", markdown(page))
     html_path = out / "report.html"
-    store.write_text(html_path, _html(page))
+    store.write_text(html_path, html_page(page, "jtrust trace"))
     return html_path
 
 
@@ -315,14 +315,16 @@ def _plot_steering(base, swept, metric, path) -> str:
     return _save(plt, fig, path)
 
 
-def _write_table(path: pathlib.Path, rows: list[dict], fields: Sequence[str]) -> None:
+def write_table(path: pathlib.Path, rows: list[dict], fields: Sequence[str]) -> None:
+    """rows as a CSV file with the header `fields` (written atomically)."""
     with store.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _markdown(page) -> str:
+def markdown(page) -> str:
+    """A page (blocks ("h1"|"h2"|"h3"|"p", text), ("img", path), ("table", header, rows)) as Markdown."""
     lines = []
     for block in page:
         kind = block[0]
@@ -339,7 +341,8 @@ def _markdown(page) -> str:
     return "\n".join(lines)
 
 
-def _html(page) -> str:
+def html_page(page, title: str = "jtrust") -> str:
+    """The same page as one self-contained HTML document."""
     body = []
     for block in page:
         kind = block[0]
@@ -354,5 +357,5 @@ def _html(page) -> str:
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>jtrust trace</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")

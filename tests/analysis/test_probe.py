@@ -35,10 +35,11 @@ def test_clopper_pearson_matches_scipy():
         assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
-def test_real_activations_every_layer_within_one_point_of_sklearn():
+@pytest.mark.parametrize("n", [160, pytest.param(400, marks=pytest.mark.slow)])
+def test_real_activations_every_layer_within_one_point_of_sklearn(n):
     model = jtrust.load("smollm2")
     data = load_texts("reliability")
-    texts, labels = data.texts[:400], data.labels[:400]
+    texts, labels = data.texts[:n], data.labels[:n]
     layers = [0, 5, 10, 15, 20, 25, 29]
     acts = jtrust.extract(model, texts, layers=layers, pool="last", progress=False)
     features = np.stack([acts.get("resid_post", l) for l in layers])

@@ -85,15 +85,21 @@ def _check_run(out: pathlib.Path, cfg: dict) -> None:
     assert (out / "training.png").exists()
 
 
-def test_pretrain_small_end_to_end_and_resume(tmp_path):
+# the default suite's version: fewer checkpoints and rows to trace; SMALL itself runs with -m slow
+SMALLER = {**SMALL, "checkpoints": {"count": 5, "dense_until": 2},
+           "trace": {**SMALL["trace"], "limit": 100}}
+
+
+@pytest.mark.parametrize("cfg", [SMALLER, pytest.param(SMALL, marks=pytest.mark.slow, id="small")])
+def test_pretrain_small_end_to_end_and_resume(tmp_path, cfg):
     config_path = tmp_path / "small.json"
-    config_path.write_text(json.dumps(SMALL))
+    config_path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
     pretrain.main(["--config", str(config_path), "--out", str(out), "--no-trace"])
     first = (out / "metrics.jsonl").read_text()
     pretrain.main(["--config", str(config_path), "--out", str(out)])  # finished run: traced, not retrained
     assert (out / "metrics.jsonl").read_text() == first
-    _check_run(out, SMALL)
+    _check_run(out, cfg)
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ SMALL = {
              "prompt": "Question: {question}\nAnswer:"},
     "finetune": {"steps": 3, "batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
                  "schedule": "constant", "log_every": 1, "seed": 0},
-    "unlearn": {"methods": ["ga", "npo"], "entropy": [False, True], "steps": 2, "batch_size": 2,
+    # gradient ascent with and without entropy optimization: the pipeline's loop over methods and
+    # entropy (every objective is checked against PyTorch in tests/training/test_unlearn.py)
+    "unlearn": {"methods": ["ga"], "entropy": [False, True], "steps": 2, "batch_size": 2,
                 "learning_rate": 0.003, "schedule": "constant", "log_every": 1, "seed": 0,
                 "beta": 0.05, "lambda_forget": 1.0, "lambda_retain": -0.25},
     "evaluate": {"n": 8, "alpha": 0.05, "temperature": 1.0, "top_p": 0.9, "confident_p": 0.5,
@@ -39,14 +41,19 @@ def test_tofu_sets_match_their_readme_counts():
     assert not {r["question"] for r in tofu("forget01")} & {r["question"] for r in tofu("retain99")}
 
 
-def test_tofu_unlearning_small(tmp_path):
+# the same small run unlearning with NPO too (two more training runs; -m slow)
+SMALL_NPO = {**SMALL, "unlearn": {**SMALL["unlearn"], "methods": ["ga", "npo"]}}
+
+
+@pytest.mark.parametrize("cfg", [SMALL, pytest.param(SMALL_NPO, marks=pytest.mark.slow, id="npo")])
+def test_tofu_unlearning_small(tmp_path, cfg):
     make_tiny_hf_dir(tmp_path / "tiny", "llama")
     config = tmp_path / "small.json"
-    config.write_text(json.dumps(SMALL))
+    config.write_text(json.dumps(cfg))
     out = tmp_path / "run"
     argv = ["--config", str(config), "--model", str(tmp_path / "tiny"), "--out", str(out)]
     tofu_unlearning.main(argv)
-    names = ["base", "finetuned", "ga", "ga_eo", "npo", "npo_eo"]
+    names = ["base", "finetuned"] + [m + s for m in cfg["unlearn"]["methods"] for s in ("", "_eo")]
     cached = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in names}
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in names) and (out / "plots" / "greedy_vs_sampled.png").exists()

@@ -39,9 +39,17 @@ def check_against_sklearn(out, rows, dims, limit=None):
             assert abs(float(r["accuracy"]) - expected) <= 0.01 + 1e-9, (dim, r["layer"])
 
 
-def test_small_trace_with_steering(tmp_path, monkeypatch):
+# (rows per dimension, traced layers, steered layer, prompts, new tokens, held-out texts): the
+# default suite's version stops the forward at block 15; the earlier small version runs with -m slow
+SMALL = (60, (0, 8, 15), 15, 2, 8, 2)
+LARGER = (120, (0, 15, 29), 15, 4, 12, 4)
+
+
+@pytest.mark.parametrize("size", [SMALL, pytest.param(LARGER, marks=pytest.mark.slow, id="larger")])
+def test_small_trace_with_steering(tmp_path, monkeypatch, size):
     from jtrust.analysis import steer as st
     from jtrust.data import load_texts
+    limit, layers, steer_layer, n_prompts, n_tokens, n_heldout = size
     used = {}
     real_evaluate = st.evaluate
 
@@ -52,23 +60,25 @@ def test_small_trace_with_steering(tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "evaluate", recording)
     dims = ("toxicity", "reliability")
-    rows, steering = run(tmp_path, "--dims", ",".join(dims), "--layers", "0,15,29", "--limit", "120",
-                         "--keep-activations", "--steer", "--steer-layers", "15", "--steer-strengths", "2",
-                         "--steer-prompts", "4", "--steer-tokens", "12", "--steer-heldout", "4")
-    assert [(r["dimension"], r["layer"]) for r in rows] == [(d, l) for d in dims for l in ("0", "15", "29")]
-    check_against_sklearn(tmp_path, rows, dims, limit=120)
+    rows, steering = run(tmp_path, "--dims", ",".join(dims), "--layers", ",".join(map(str, layers)),
+                         "--limit", str(limit), "--keep-activations", "--steer", "--steer-layers", str(steer_layer),
+                         "--steer-strengths", "2", "--steer-prompts", str(n_prompts),
+                         "--steer-tokens", str(n_tokens), "--steer-heldout", str(n_heldout))
+    assert [(r["dimension"], r["layer"]) for r in rows] == [(d, str(l)) for d in dims for l in layers]
+    check_against_sklearn(tmp_path, rows, dims, limit=limit)
     assert sorted((s["metric"], s["layer"]) for s in steering) == [
-        ("toxicity", ""), ("toxicity", "15"), ("truthfulness", ""), ("truthfulness", "15")]
+        ("toxicity", ""), ("toxicity", str(steer_layer)), ("truthfulness", ""), ("truthfulness", str(steer_layer))]
     # toxicity steers from toxic (1) to benign (0), truthfulness from false (0) to true (1)
+    half = limit // 2  # the vectors come from the first half of the rows
     for metric, dim, toward in (("toxicity", "toxicity", 0), ("truthfulness", "reliability", 1)):
-        acts = load_activations(tmp_path / "activations" / "smollm2" / dim).get("resid_post", 15)
-        labels = load_texts(dim).labels[:120]
-        expected = st.mass_mean_vector(acts[:60], labels[:60], "code", toward=toward)
+        acts = load_activations(tmp_path / "activations" / "smollm2" / dim).get("resid_post", steer_layer)
+        labels = load_texts(dim).labels[:limit]
+        expected = st.mass_mean_vector(acts[:half], labels[:half], "code", toward=toward)
         np.testing.assert_allclose(used[metric].vector, expected, rtol=1e-4, atol=1e-5)
-        assert used[metric].layer == 15 and used[metric].strength == 2.0
+        assert used[metric].layer == steer_layer and used[metric].strength == 2.0
     cells = {(s["metric"], s["layer"]): s for s in steering}
     for metric in ("toxicity", "truthfulness"):  # the vector changes what the model says
-        base, steered = cells[(metric, "")], cells[(metric, "15")]
+        base, steered = cells[(metric, "")], cells[(metric, str(steer_layer))]
         assert float(steered["perplexity"]) != pytest.approx(float(base["perplexity"]), rel=1e-3)
     page = (tmp_path / "report.html").read_text()
     assert "plots/steering_toxicity_code.png" in page
