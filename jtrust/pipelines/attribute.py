@@ -95,8 +95,9 @@ class AttributeOptions:
     chunk: int = option(8, "examples per gradient batch")
     curvature: str = option("gauss_newton", "cg / lissa: Gauss-Newton or exact Hessian products",
                             choices=("gauss_newton", "hessian"))
-    iterations: int = option(20, "cg / lissa: iterations (one Hessian-vector product each)")
-    hessian_rows: int = option(16, "cg / lissa: training rows the Hessian is averaged over")
+    # small, so that CG on the 135M model costs about a training-gradient pass per checkpoint
+    iterations: int = option(5, "cg / lissa: iterations (one Hessian-vector product each)")
+    hessian_rows: int = option(4, "cg / lissa: training rows the Hessian is averaged over")
     beta: float = option(1.0, "debias weight: last - beta * base")
     bootstrap: int = option(1000, "bootstrap resamples of the AUC interval")
     seed: int = option(0, "seed of the split, the canaries, training, projections and the bootstrap")
