@@ -201,7 +201,7 @@ def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, attr, 
         query_ex = T.prompt_answer_examples(base.tokenizer, [(prompt(q["question"]), " " + q["generated"])
                                                              for q in queries], options.seq_len)
         correct_ex = T.prompt_answer_examples(base.tokenizer, pairs(queries, "answer"), options.seq_len)
-        series = _epoch_series(out / "finetune")
+        series = epoch_series(out / "finetune")
         for method in (m for m in options.methods if m != "bm25"):
             scores[method] = influence_scores(attr, method, series, base, train_ex, query_ex, correct_ex,
                                               options, out, run_id, progress)
@@ -225,7 +225,7 @@ def finetune(base: Model, train_ex: T.Examples, options: AttributeOptions, out: 
     return T.train(base, train_ex, config, out, progress=progress)
 
 
-def _epoch_series(run_dir: pathlib.Path) -> Series:
+def epoch_series(run_dir: pathlib.Path) -> Series:
     """The fine-tuning checkpoints (step 0, if saved, is the base model, not a checkpoint of it)."""
     from jtrust.io.runs import run_series
     series = run_series(run_dir)
