@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from jtrust.analysis import attribution as attr
 from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.core.options import check, option
@@ -54,7 +55,7 @@ from jtrust.runtime.generate import generate
 from jtrust import training as T
 
 CELL_FORMAT = 1
-GRADIENT_METHODS = ("identity", "diagonal", "kfac", "ekfac", "lissa", "cg")
+GRADIENT_METHODS = attr.METHODS
 METHODS = ("bm25",) + GRADIENT_METHODS
 BM25_VARIANTS = ("answer", "question+answer")  # what the query text is
 RAW_VARIANTS = ("raw", "debias", "denoise", "dda")  # `jtrust.analysis.attribution.dda`'s
@@ -94,7 +95,7 @@ class AttributeOptions:
                                  "methods identity, diagonal, kfac, ekfac (none = exact)")
     chunk: int = option(8, "examples per gradient batch")
     curvature: str = option("gauss_newton", "cg / lissa: Gauss-Newton or exact Hessian products",
-                            choices=("gauss_newton", "hessian"))
+                            choices=attr.CURVATURES)
     # small, so that CG on the 135M model costs about a training-gradient pass per checkpoint
     iterations: int = option(5, "cg / lissa: iterations (one Hessian-vector product each)")
     hessian_rows: int = option(4, "cg / lissa: training rows the Hessian is averaged over")
@@ -150,19 +151,15 @@ def attribute(base: Model, out_dir: str | os.PathLike, options: AttributeOptions
     if isinstance(base, Series):
         raise InputError("attribute fine-tunes one model; give a checkpoint, not a series")
     out = pathlib.Path(out_dir)
-    gradient = [m for m in options.methods if m != "bm25"]
-    attr = None
-    if gradient:  # fail now, not after the fine-tune
-        from jtrust.analysis import attribution as attr
     if options.layers is not None and max(options.layers) >= base.config.n_layers:
         raise InputError(f"--layers {max(options.layers)} is out of range for {base.name}'s "
                          f"{base.config.n_layers} blocks")
     with store.lock_dir(out, wait):
         store.clean_temp(out, recursive=True)
-        return _attribute(base, out, options, attr, progress)
+        return _attribute(base, out, options, progress)
 
 
-def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, attr, progress: bool) -> pathlib.Path:
+def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, progress: bool) -> pathlib.Path:
     started = time.perf_counter()
     split = cn.canary_split(cn.birthplace_rows(), fraction=options.canary_fraction, city=options.city,
                             n_heldout=options.n_heldout, n_train=options.n_train, seed=options.seed)
@@ -197,13 +194,13 @@ def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, attr, 
         scores["bm25"] = {"answer": bm25_scores(docs, [q["generated"] for q in queries]),
                           "question+answer": bm25_scores(docs, [f"{q['question']} {q['generated']}"
                                                                 for q in queries])}
-    if attr is not None:
+    if set(options.methods) - {"bm25"}:
         query_ex = T.prompt_answer_examples(base.tokenizer, [(prompt(q["question"]), " " + q["generated"])
                                                              for q in queries], options.seq_len)
         correct_ex = T.prompt_answer_examples(base.tokenizer, pairs(queries, "answer"), options.seq_len)
         series = epoch_series(out / "finetune")
         for method in (m for m in options.methods if m != "bm25"):
-            scores[method] = influence_scores(attr, method, series, base, train_ex, query_ex, correct_ex,
+            scores[method] = influence_scores(method, series, base, train_ex, query_ex, correct_ex,
                                               options, out, run_id, progress)
     results = evaluate_scores(scores, is_canary, options.bootstrap, options.seed)
     path = write_report(out, options, split, answers, names_city, queries, scores, results)
@@ -247,7 +244,7 @@ def generated_answers(model: Model, heldout: list[dict], options: AttributeOptio
     return answers
 
 
-def influence_scores(attr, method: str, series: Series, base: Model, train_ex: T.Examples,
+def influence_scores(method: str, series: Series, base: Model, train_ex: T.Examples,
                      query_ex: T.Examples, correct_ex: T.Examples, options: AttributeOptions,
                      out: pathlib.Path, run_id: str, progress: bool) -> dict[str, np.ndarray]:
     """variant -> [M, N] from `attr.dda` for one inverse-Hessian method (a cell; attribution's own

@@ -35,6 +35,7 @@ from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.core.options import check, option
 from jtrust.kernels.ghost import ghost_dot_auto
+from jtrust.models import sites
 from jtrust.models.config import ModelConfig
 from jtrust.models.model import Model, Series
 from jtrust.runtime import distributed
@@ -251,7 +252,6 @@ class _Scorer:
 
     def _projections(self) -> dict:
         """Per module a seeded Gaussian [l, d, k] / sqrt(k) for inputs and output gradients."""
-        from jtrust.models import sites
         k, config = self.options.project, self.model.config
         layers = len(self.task.modules.check(config))
         out = {}
