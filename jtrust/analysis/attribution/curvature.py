@@ -72,11 +72,13 @@ def eigenbases(cov: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def rotate(grads: np.ndarray, basis: dict) -> np.ndarray:
-    """Q_in^T G Q_out for grads [B, l, d_in, d_out] (float64)."""
-    # two matrix products (optimize=True), not numpy's default nested loop over all four indices
-    return np.einsum("jia,bjio,jop->bjap", basis["q_in"], np.asarray(grads, np.float64), basis["q_out"],
-                     optimize=True)
+@jax.jit
+def rotated_square_sum(grads: jax.Array, q_in: jax.Array, q_out: jax.Array) -> jax.Array:
+    """sum_b (Q_in^T G_b Q_out)^2 for grads [B, l, d_in, d_out], bases [l, d, d] -> [l, d_in, d_out].
+
+    float32 on the device (as kronfluence's Lambda pass); the caller sums chunks in float64."""
+    rotated = jnp.einsum("jia,bjio,jop->bjap", q_in, grads, q_out)
+    return jnp.sum(jnp.square(rotated), axis=0)
 
 
 def fit_module_factors(method: str, grads: Callable[[], Iterable[dict[str, np.ndarray]]],
@@ -104,9 +106,12 @@ def fit_module_factors(method: str, grads: Callable[[], Iterable[dict[str, np.nd
                        for name, b in bases.items()}
         else:
             sums, n = {}, 0
+            device_bases = {name: (jnp.asarray(b["q_in"], jnp.float32), jnp.asarray(b["q_out"], jnp.float32))
+                            for name, b in bases.items()}
             for chunk in grads():
                 for name, g in chunk.items():
-                    sums[name] = sums.get(name, 0.0) + np.sum(np.square(rotate(g, bases[name])), axis=0)
+                    part = rotated_square_sum(jnp.asarray(g, jnp.float32), *device_bases[name])
+                    sums[name] = sums.get(name, 0.0) + np.asarray(part, np.float64)
                 n += len(next(iter(chunk.values())))
             factors = {name: dict(bases[name], eigenvalues=s / n) for name, s in sums.items()}
     else:
