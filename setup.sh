@@ -25,6 +25,11 @@ install_oracles() {
   # kronfluence (the influence-function oracle) without its declared torchvision, which would
   # replace the CPU torch by a CUDA build; it never imports torchvision (its deps are in [test])
   python -c "import kronfluence" 2>/dev/null || pip --no-deps "kronfluence==1.0.1"
+  # sae-lens (the SAE file-format oracle) the same way: its declared dependencies pull a CUDA
+  # torch; these are the ones its import really needs
+  python -c "import sae_lens" 2>/dev/null || pip --no-deps "sae-lens==6.54.12" "transformer-lens==2.18.0" \
+    jaxtyping datasets multiprocess pandas dill xxhash better-abc typeguard wandb platformdirs \
+    opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions pyarrow fsspec
 }
 
 case "${1:-}" in

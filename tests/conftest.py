@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
+
+import jax
 
 import pytest
 
@@ -27,6 +32,18 @@ def smollm2_gguf() -> pathlib.Path:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Many tests compile the same programs (a tiny model's train step, say, for a straight and a
+# resumed run): XLA's persistent cache, in a directory of this session only, compiles each once.
+# The environment carries it into the tests' subprocesses too.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="jtrust-test-xla-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILE_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -42,6 +42,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # loss_fn(trainable, frozen, batch) -> (numerator, weight, metrics): see the module docstring
 LossFn = Callable[[Any, Any, Any], tuple[jax.Array, jax.Array, dict]]
+# post_update(trainable, array_metrics) -> trainable: see make_train_step
+PostUpdate = Callable[[Any, dict], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +144,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
-    """step(state, frozen, micro_batches [A, b, ...]) -> (state, metrics); pure, for jit."""
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    post_update: PostUpdate | None = None) -> Callable:
+    """step(state, frozen, micro_batches [A, b, ...]) -> (state, metrics); pure, for jit.
+
+    The loss's scalar metrics are logged (their mean over micro-batches); its array metrics
+    (each [A, ...] after the scan) are not, but go with the updated parameters to
+    `post_update(trainable, arrays) -> trainable`, applied after the optimizer step: a
+    projection (unit-norm dictionary rows) or bookkeeping the gradient cannot do (a sparse
+    autoencoder's tokens since each latent fired)."""
 
     def loss_sum(trainable, frozen, batch):
         value, weight, aux = loss_fn(trainable, frozen, batch)
@@ -161,8 +170,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        if post_update is not None:
+            trainable = post_update(trainable, {k: v for k, v in aux.items() if v.ndim > 1})
         metrics = {"loss": loss / count, "grad_norm": optax.global_norm(grads),
-                   **{k: v.mean() for k, v in aux.items()}}
+                   **{k: v.mean() for k, v in aux.items() if v.ndim == 1}}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return step
@@ -179,7 +190,8 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
         out_dir, *, manifest: dict, frozen: Any = None, files: dict[str, str] | None = None,
         on_checkpoint: Callable[[int, TrainState], tuple[dict, dict]] | None = None,
         items_per_step: tuple[str, float] | None = None, mesh: jax.sharding.Mesh | None = None,
-        progress: bool = True, stop_after: int | None = None, wait: float = 0.0) -> FitResult:
+        progress: bool = True, stop_after: int | None = None, wait: float = 0.0,
+        post_update: PostUpdate | None = None) -> FitResult:
     """Train `trainable` (any pytree) by `loss_fn` and keep its checkpoints in `out_dir`.
 
     batches(step): the step's micro-batches, a pytree whose leaves are [accumulation, micro, ...].
@@ -192,6 +204,7 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
       merged model}) are saved beside the state at save steps.
     items_per_step: ("tokens", n) logs n / seconds as "tokens_per_s".
     stop_after: end after that many steps of this call (used to test resuming).
+    post_update: applied to the parameters after every optimizer step (`make_train_step`).
     wait: seconds to wait for another process training into out_dir to finish (then InputError).
     """
     out = pathlib.Path(out_dir)
@@ -199,7 +212,7 @@ def fit(loss_fn: LossFn, trainable: Any, batches: Callable[[int], Any], config: 
         _open_run(out, {"format": RUN_FORMAT, **manifest, "train_config": config.to_dict()}, files,
                   locked, wait)
         return _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_per_step,
-                    mesh, progress, stop_after)
+                    mesh, progress, stop_after, post_update)
 
 
 def _open_run(out: pathlib.Path, manifest: dict, files: dict[str, str] | None,
@@ -223,7 +236,7 @@ def _open_run(out: pathlib.Path, manifest: dict, files: dict[str, str] | None,
 
 
 def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_per_step, mesh,
-         progress, stop_after) -> FitResult:
+         progress, stop_after, post_update) -> FitResult:
     import orbax.checkpoint as ocp
 
     optimizer = make_optimizer(config)
@@ -254,7 +267,7 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
             return FitResult(state, out, metrics, config.steps)
     start = start or 0
 
-    step_fn = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0,
+    step_fn = jax.jit(make_train_step(loss_fn, optimizer, post_update), donate_argnums=0,
                       out_shardings=(replicated, replicated) if mesh is not None else None)
 
     def checkpoint(step: int, state: TrainState) -> None:

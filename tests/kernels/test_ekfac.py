@@ -87,8 +87,8 @@ def test_traced_damping_under_jit():
     damping = jnp.float32(0.2)
     ref = jax.jit(precondition_reference)(*args, damping)
     pal = jax.jit(lambda *xs: precondition(*xs, block_n=2, interpret=True))(*args, damping)
-    np.testing.assert_allclose(np.asarray(ref),
-                               np.asarray(precondition_reference(*args, 0.2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(precondition_reference(*args, 0.2)), rtol=1e-5,
+                               atol=1e-6 * np.abs(np.asarray(ref)).max())  # jit fuses: float32 rounding
     np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), rtol=1e-5,
                                atol=1e-5 * np.abs(np.asarray(ref)).max())
 

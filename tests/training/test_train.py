@@ -180,6 +180,7 @@ KILLED_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the default suite kills a fit in test_loop.py; this is the LM run's version
 def test_resume_after_sigkill_repeats_the_straight_run(tiny, tmp_path):
     import pickle
     model, _, examples = tiny

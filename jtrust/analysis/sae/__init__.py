@@ -1,0 +1,22 @@
+"""Sparse autoencoders in JAX: the LFP paper's tied ReLU + L1, TopK, BatchTopK (both with AuxK)
+and JumpReLU (`architectures`); several trained in one compiled program through the generic
+loop (`train`); SAELens's metrics and the reconstruction spliced into the model (`metrics`);
+SAELens's file format (`saelens`).
+
+    from jtrust.analysis import sae
+    config = sae.SAEConfig(d_in=576, width=1152, architecture="topk", k=32)
+    run = sae.train_saes(acts, config, sae.sae_train_config(steps=2000), "runs/sae")  # acts [L, N, d]
+    sae.reconstruction_metrics(run.one(0), config, acts[0])
+    sae.save("runs/sae/layer0", run.one(0), config, hook_name="blocks.0.mlp_out")
+"""
+
+from jtrust.analysis.sae.architectures import (ARCHITECTURES, SAEConfig, SAEOutput, decoder, encode, forward,
+                                               init, jump_relu, loss, step_function)
+from jtrust.analysis.sae.metrics import (mmcs, mmcs_by_layer, reconstruction_metrics, splice, spliced_losses,
+                                         zero_ablation)
+from jtrust.analysis.sae.saelens import load, save
+from jtrust.analysis.sae.train import SAERun, init_stack, sae_train_config, train_saes
+
+__all__ = ["ARCHITECTURES", "SAEConfig", "SAEOutput", "SAERun", "decoder", "encode", "forward", "init",
+           "init_stack", "jump_relu", "load", "loss", "mmcs", "mmcs_by_layer", "reconstruction_metrics", "save",
+           "sae_train_config", "splice", "spliced_losses", "step_function", "train_saes", "zero_ablation"]
