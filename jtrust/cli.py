@@ -1,4 +1,4 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from jtrust.core.errors import InputError
 from jtrust.core.options import add_flags, from_flags
 from jtrust.models.sites import SITES
 from jtrust.pipelines.attribute import AttributeOptions
+from jtrust.pipelines.lfp import LfpOptions
 from jtrust.pipelines.evaluate import EvaluateOptions
 from jtrust.pipelines.trace import SteerOptions, TraceOptions
 from jtrust.runtime.generate import Sampling
@@ -189,6 +190,22 @@ def cmd_attribute(args) -> None:
     print(f"attribute finished in {time.perf_counter() - t:.0f} s; report: {report}")
 
 
+def cmd_lfp(args) -> None:
+    import json as json_
+    from jtrust.io.loading import load
+    from jtrust.pipelines.lfp import run_lfp
+    options = from_flags(LfpOptions, args)
+    t = time.perf_counter()
+    report = run_lfp(load(args.model), args.out, options)
+    results = json_.loads((report.parent / "results.json").read_text())
+    print(f"layers changed most: {results['layers']}")
+    for r in results["probes"]:
+        figure = (f"Kendall tau {r['tau']:+.3f} (untrained {r['baseline_tau']:+.3f})" if "tau" in r
+                  else f"accuracy {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
+        print(f"{r['model']:>6} {r['features']:<16} {figure}")
+    print(f"lfp finished in {time.perf_counter() - t:.0f} s; report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the traceback of a bad-input error"
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
@@ -265,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/attribute")
     add_flags(s, AttributeOptions)
     s.set_defaults(fn=cmd_attribute)
+
+    s = command("lfp", help="learned feedback patterns: feedback tuning, SAEs on the changed layers, probes, report")
+    s.add_argument("--model", default="smollm2", help="the model to tune (one checkpoint)")
+    s.add_argument("--out", default="runs/lfp")
+    add_flags(s, LfpOptions)
+    s.set_defaults(fn=cmd_lfp)
     return p
 
 

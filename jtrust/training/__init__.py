@@ -6,7 +6,7 @@ of it (`lm`), and unlearning objectives (`unlearn`).
 """
 
 from jtrust.training.lm import (NLL, Examples, Objective, TrainResult, full_params, lm_loss, packed_examples,
-                                perplexity_eval, prompt_answer_examples, take, token_log_probs,
+                                perplexity_eval, prompt_answer_examples, take, token_examples, token_log_probs,
                                 token_loss_sum, train)
 from jtrust.training.loop import (DTYPES, FitResult, LossFn, PostUpdate, TrainConfig, TrainState, batch_indices, fit,
                                   log_spaced_steps, make_optimizer, make_train_step, schedule)
@@ -15,5 +15,5 @@ from jtrust.io.runs import restore_state
 __all__ = ["DTYPES", "Examples", "FitResult", "LossFn", "NLL", "PostUpdate", "Objective", "TrainConfig", "TrainResult",
            "TrainState", "batch_indices", "fit", "full_params", "lm_loss", "log_spaced_steps",
            "make_optimizer", "make_train_step", "packed_examples", "perplexity_eval",
-           "prompt_answer_examples", "restore_state", "schedule", "take", "token_log_probs",
+           "prompt_answer_examples", "restore_state", "schedule", "take", "token_examples", "token_log_probs",
            "token_loss_sum", "train"]

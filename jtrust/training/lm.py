@@ -57,26 +57,40 @@ def prompt_answer_examples(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]
     Rows are right-padded to seq_len; pairs longer than that are an error."""
     if not pairs:
         raise InputError("no (prompt, answer) pairs to train on")
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    rows, weights = [], []
+    prompts, answers = [], []
     for prompt, answer in pairs:
-        p, a = tokenizer.encode(prompt), tokenizer.backend.encode(answer, add_special_tokens=False).ids + eos
-        seq = p + a
-        if len(seq) > seq_len + 1:
-            raise InputError(f"a pair has {len(seq)} tokens, more than seq_len + 1 = {seq_len + 1}: "
+        p, a = tokenizer.encode(prompt), answer_ids(tokenizer, answer)
+        if len(p) + len(a) > seq_len + 1:
+            raise InputError(f"a pair has {len(p) + len(a)} tokens, more than seq_len + 1 = {seq_len + 1}: "
                              f"{prompt[:60]!r}; raise seq_len or shorten it")
-        rows.append(seq)
-        weights.append([0.0] * (len(p) - 1) + [1.0] * len(a))  # weight of predicting token i+1
-    N = len(rows)
-    tokens = np.full((N, seq_len), tokenizer.pad_id, np.int32)
-    targets = np.full((N, seq_len), tokenizer.pad_id, np.int32)
+        prompts.append(p), answers.append(a)
+    return token_examples(prompts, answers, seq_len, tokenizer.pad_id)
+
+
+def answer_ids(tokenizer: Tokenizer, answer: str) -> list[int]:
+    """An answer's token ids as it follows a prompt (no BOS), closed by EOS."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return tokenizer.backend.encode(answer, add_special_tokens=False).ids + eos
+
+
+def token_examples(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], seq_len: int,
+                   pad_id: int) -> Examples:
+    """Rows prompt + answer (token ids, len <= seq_len + 1 each), right-padded to [N, seq_len];
+    weight 1 on predicting each answer token, 0 on the prompt."""
+    N = len(prompts)
+    tokens = np.full((N, seq_len), pad_id, np.int32)
+    targets = np.full((N, seq_len), pad_id, np.int32)
     mask = np.zeros((N, seq_len), np.int32)
     w = np.zeros((N, seq_len), np.float32)
-    for i, (seq, wt) in enumerate(zip(rows, weights)):
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = list(p) + list(a)
+        if len(seq) > seq_len + 1 or not p or not a:
+            raise InputError(f"row {i}: a prompt and an answer of at most seq_len + 1 = {seq_len + 1} "
+                             f"tokens together are needed, got {len(p)} + {len(a)}")
         tokens[i, : len(seq) - 1] = seq[:-1]
         targets[i, : len(seq) - 1] = seq[1:]
         mask[i, : len(seq) - 1] = 1
-        w[i, : len(wt)] = wt
+        w[i, len(p) - 1: len(seq) - 1] = 1.0  # the weight of predicting token i + 1
     return Examples(tokens, mask, targets, w)
 
 
