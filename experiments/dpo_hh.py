@@ -38,6 +38,13 @@ def truncated(tokenizer, pairs, seq_len: int, max_response: int) -> int:
     return count
 
 
+def identical(examples: T.Examples) -> int:
+    """Pair rows whose two sequences are the same after truncation (their margin is always 0)."""
+    T_ = examples.tokens.shape[1] // 2
+    same = [(a[:, :T_] == a[:, T_:]).all(axis=1) for a in (examples.tokens, examples.targets, examples.weights)]
+    return int((same[0] & same[1] & same[2]).sum())
+
+
 def main(argv=None) -> dict:
     args, cfg, out = experiment_args(__doc__, "experiments/configs/dpo_hh_smollm2.json", argv)
     started = time.perf_counter()
@@ -55,7 +62,7 @@ def main(argv=None) -> dict:
     print(f"dpo: {model.name}, {len(train_ex.tokens)} training pairs "
           f"({truncated(model.tokenizer, split.train, data['seq_len'], data['max_response'])} shortened), "
           f"{len(held_ex.tokens)} held-out ({truncated(model.tokenizer, heldout, data['seq_len'], data['max_response'])} "
-          f"shortened), {config.steps} steps of {config.batch_size} pairs, beta {cfg['beta']}, LoRA {config.lora} -> {out}")
+          f"shortened; {identical(held_ex)} identical after truncation), {config.steps} steps of {config.batch_size} pairs, beta {cfg['beta']}, LoRA {config.lora} -> {out}")
     result = T.train(model, train_ex, config, out, objective=P.dpo_objective(cfg["beta"]), reference=reference,
                      evals=[P.preference_eval(held_ex, reference, cfg["beta"], ev["batch_size"], "heldout",
                                               ev["confidence"])])
@@ -66,7 +73,7 @@ def main(argv=None) -> dict:
     summary = {
         "model": model.name, "run": str(out), "minutes_this_call": round(minutes, 2),
         "pairs": {"usable": len(pairs.pairs), "dropped": pairs.dropped, "train": len(split.train),
-                  "heldout_scored": len(held_ex.tokens)},
+                  "heldout_scored": len(held_ex.tokens), "heldout_identical_after_truncation": identical(held_ex)},
         "base_logp_accuracy": figure(evals[0], "reference_logp_accuracy"),
         "series": [{"step": m["step"], "accuracy": figure(m, "accuracy"), "logp_accuracy": figure(m, "logp_accuracy"),
                     "margin": m["heldout_margin"], "reward_chosen": m["heldout_reward_chosen"],

@@ -67,9 +67,9 @@ SITE = "mlp_out"
 class LfpOptions:
     task: str = option("sentiment", "the feedback: 'sentiment' (RLOO, VADER reward) or 'preference' "
                        "(DPO on HH-RLHF)", choices=TASKS)
-    steps: int = option(40, "tuning steps (RLOO iterations or DPO steps)")
-    batch_size: int = option(16, "sequences per step (RLOO: prompts per step x k)")
-    learning_rate: float = option(2e-4, "peak learning rate of the LoRA adapters")
+    steps: int = option(12, "tuning steps (RLOO iterations or DPO steps)")
+    batch_size: int = option(32, "sequences per step (RLOO: prompts per step x k)")
+    learning_rate: float = option(2e-3, "learning rate of the LoRA adapters (constant)")
     lora_rank: int = option(16, "LoRA rank")
     lora_targets: tuple[str, ...] = option(("q", "k", "v", "o", "gate", "up", "down"), "projections with adapters")
     k: int = option(4, "RLOO: samples per prompt")
@@ -83,8 +83,8 @@ class LfpOptions:
     top_layers: int = option(5, "layers chosen by parameter change")
     probe_texts: int = option(600, "texts whose token activations train the SAEs and the probes")
     widths: tuple[int, ...] = option((1, 2), "SAE widths, multiples of d_model")
-    sae_steps: int = option(1500, "SAE optimizer steps")
-    sae_batch: int = option(1024, "tokens per SAE step")
+    sae_steps: int = option(600, "SAE optimizer steps")
+    sae_batch: int = option(512, "tokens per SAE step")
     l1_coef: float = option(1e-3, "SAE L1 coefficient (the paper's)")
     sae_learning_rate: float = option(1e-3, "SAE Adam learning rate (the paper's)")
     ce_texts: int = option(32, "texts for the CE-loss score with the SAE spliced in")
@@ -214,7 +214,7 @@ def tune(base: Model, data: dict, options: LfpOptions, out: pathlib.Path, progre
     """The feedback fine-tune (a resumable run in out/tune) and its before/after figures (a cell)."""
     lora = LoraConfig(rank=options.lora_rank, alpha=2.0 * options.lora_rank, targets=tuple(options.lora_targets))
     config = T.TrainConfig(steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-                           warmup_steps=min(5, options.steps // 10), schedule="constant", lora=lora,
+                           warmup_steps=0, schedule="constant", lora=lora,
                            seed=options.seed, log_every=1,
                            save_steps=tuple(sorted({options.steps // 4, options.steps // 2, options.steps})))
     if options.task == "sentiment":

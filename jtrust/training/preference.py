@@ -13,8 +13,8 @@ rejected one in [T:] (`pair_examples`). `train` shuffles rows, so a row that hol
 pair keeps chosen and rejected together (two named streams would be shuffled apart). Inside
 the objective the rows are unstacked into [2B, T] and run through one forward.
 
-    ex = pair_examples(model.tokenizer, split.train, seq_len=128, max_response=48)
-    held = pair_examples(model.tokenizer, split.heldout, seq_len=128, max_response=48)
+    ex = pair_examples(model.tokenizer, split.train, seq_len=96, max_response=32)
+    held = pair_examples(model.tokenizer, split.heldout, seq_len=96, max_response=32)
     run = train(model, ex, TrainConfig(..., lora=LoraConfig(rank=16)), "runs/dpo",
                 objective=dpo_objective(beta=0.1), reference=model.params,
                 evals=[preference_eval(held, model.params, beta=0.1)])
@@ -36,7 +36,7 @@ from jtrust.data.preferences import HUMAN, PreferencePair
 from jtrust.models.config import ModelConfig
 from jtrust.models.model import Model
 from jtrust.models.tokenizer import Tokenizer
-from jtrust.training.lm import Examples, Objective, take, token_log_probs
+from jtrust.training.lm import Examples, Objective, take, token_examples, token_log_probs
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -62,17 +62,20 @@ def pair_examples(tokenizer: Tokenizer, pairs: Sequence[PreferencePair | tuple[s
     reply = lambda text: (tokenizer.backend.encode(text, add_special_tokens=False).ids + eos)[:max_response]
     chosen, rejected = [], []
     for prompt, chosen_text, rejected_text in pairs:
+        if not prompt:
+            raise InputError(f"a pair has an empty prompt (replies {chosen_text[:40]!r} / {rejected_text[:40]!r}); "
+                             "the replies' log-probabilities are conditioned on it: give every pair a prompt")
         c, r = reply(chosen_text), reply(rejected_text)
         p = fit_prompt(tokenizer, prompt, seq_len + 1 - max(len(c), len(r)))
         chosen.append((p, c))
         rejected.append((p, r))
-    return Examples(*(np.concatenate(parts, axis=1) for parts in
-                      zip(_rows(chosen, seq_len, tokenizer.pad_id), _rows(rejected, seq_len, tokenizer.pad_id))))
+    rows = [token_examples(*zip(*seqs), seq_len, tokenizer.pad_id) for seqs in (chosen, rejected)]
+    return Examples(*(np.concatenate(parts, axis=1) for parts in zip(*rows)))
 
 
 def fit_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> list[int]:
     """The prompt's token ids, at most `budget` of them: whole, else from the earliest
-    "\\n\\nHuman:" turn on which fits, else its last `budget` tokens (after BOS if it adds one)."""
+    "\\n\\nHuman:" turn from which it fits, else its last `budget` tokens (after BOS if it adds one)."""
     ids = tokenizer.encode(prompt)
     if len(ids) <= budget:
         return ids
@@ -82,22 +85,6 @@ def fit_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> list[int]:
             return ids
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     return bos + ids[len(ids) - (budget - len(bos)):]  # ids: the last turn's, or the whole prompt's
-
-
-def _rows(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Examples:
-    """(prompt ids, reply ids) -> right-padded Examples [N, seq_len]; the loss covers the reply
-    (as in `prompt_answer_examples`, which takes text)."""
-    N = len(seqs)
-    tokens = np.full((N, seq_len), pad_id, np.int32)
-    targets = np.full((N, seq_len), pad_id, np.int32)
-    mask = np.zeros((N, seq_len), np.int32)
-    weights = np.zeros((N, seq_len), np.float32)
-    for i, (p, a) in enumerate(seqs):
-        seq = p + a
-        n = len(seq) - 1  # inputs seq[:-1] predict targets seq[1:]
-        tokens[i, :n], targets[i, :n], mask[i, :n] = seq[:-1], seq[1:], 1
-        weights[i, len(p) - 1: n] = 1.0  # the positions that predict the reply's tokens
-    return Examples(tokens, mask, targets, weights)
 
 
 def unpair(batch: Examples) -> Examples:
@@ -215,7 +202,8 @@ def preference_eval(examples: Examples, reference: Any, beta: float = 0.1, batch
                     name: str = "pref", confidence: float = 0.95) -> Callable[[Model], dict]:
     """An evaluation callback for `train(..., evals=[...])`: `preference_metrics` of the held-out
     pair rows `examples` [N, 2T] for the current model against `reference` (parameters; their
-    log-probabilities are computed once, at the first call)."""
+    log-probabilities are computed once, at the first call, and stand for the current model's
+    when its parameters equal the reference's, as at step 0 of a LoRA run)."""
     if len(examples.tokens) == 0:
         raise InputError("the held-out preference set is empty")
     cache = {}
@@ -223,7 +211,15 @@ def preference_eval(examples: Examples, reference: Any, beta: float = 0.1, batch
     def evaluate(model: Model) -> dict[str, float]:
         if "reference" not in cache:
             cache["reference"] = score_pairs(reference, examples, config=model.config, batch_size=batch_size)
-        policy = score_pairs(model.params, examples, config=model.config, batch_size=batch_size)
+        policy = (cache["reference"] if _equal(model.params, reference) else  # step 0: one pass, not two
+                  score_pairs(model.params, examples, config=model.config, batch_size=batch_size))
         return preference_metrics(policy, cache["reference"], beta, name, confidence)
 
     return evaluate
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two parameter pytrees hold the same values (a few ms next to a forward pass)."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -13,7 +13,8 @@ Iteration s, with batch_size = (prompts per step) * k:
      is cut to L_i new tokens, L_i uniform in [min_new_tokens, max_new_tokens] (the first L
      tokens of a sample are a sample of L tokens: one compiled program for every length);
   3. score: r_i = reward(continuation texts)_i, and over the continuation's tokens (its stop
-     token included) KL_i = sum_t log pi(y_t) - log pi_ref(y_t), both from one forward pass;
+     token included) KL_i = sum_t log pi(y_t) - log pi_ref(y_t): log pi as the engine drew the
+     tokens (`Generation.logprobs`), log pi_ref from a forward pass of the reference;
      R_i = r_i - kl_coef * KL_i    (the KL folded into the reward per sequence, as TRL's RLOOTrainer)
   4. advantage: A_i = R_i - mean of R over the other k - 1 samples of the same prompt;
   5. update: one optimizer step of `make_train_step` on
@@ -29,7 +30,7 @@ while a rollout needs the current parameters. So `rloo` drives `make_train_step`
 (`jtrust.io.runs`): the manifest check, the lock, checkpoints/<step>/{params (merged), state},
 metrics.jsonl (one "train" record per iteration), so `jtrust.load(out_dir)` reads a series.
 
-    run = rloo(model, prompts, sentiment_reward, TrainConfig(steps=40, batch_size=32, learning_rate=2e-4,
+    run = rloo(model, prompts, sentiment_reward, TrainConfig(steps=12, batch_size=32, learning_rate=2e-3,
                lora=LoraConfig(rank=16)), RLConfig(k=4, kl_coef=0.05), "runs/rloo")
     after = evaluate_policy(run.model, heldout, sentiment_reward, RLConfig(k=4), reference=model.params,
                             key=jax.random.key(1))
@@ -59,7 +60,8 @@ from jtrust.models import lora as lora_lib
 from jtrust.models.config import ModelConfig
 from jtrust.models.model import Model
 from jtrust.runtime.generate import Sampling, encode_prompts, generate
-from jtrust.training.lm import Examples, Objective, TrainResult, full_params, lm_loss, token_log_probs
+from jtrust.training.lm import (Examples, Objective, TrainResult, full_params, lm_loss, take,
+                               token_examples, token_log_probs)
 from jtrust.training.loop import (RUN_FORMAT, TrainConfig, TrainState, batch_indices, make_optimizer,
                                   make_train_step, schedule)
 
@@ -117,25 +119,6 @@ POLICY_GRADIENT = Objective("rloo_policy_gradient", _policy_gradient)
 # ---------------------------------------------------------------------------------------------
 # rollouts
 
-def continuation_examples(prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                          seq_len: int, pad_id: int) -> Examples:
-    """Rows prompt + continuation as Examples [N, seq_len], right-padded: inputs seq[:-1],
-    targets seq[1:], loss weight 1 on the positions that predict the continuation's tokens."""
-    N = len(prompt_ids)
-    tokens = np.full((N, seq_len), pad_id, np.int32)
-    targets = np.full((N, seq_len), pad_id, np.int32)
-    mask = np.zeros((N, seq_len), np.int32)
-    weights = np.zeros((N, seq_len), np.float32)
-    for i, (p, c) in enumerate(zip(prompt_ids, continuations)):
-        seq = list(p) + list(c)
-        n = len(seq) - 1
-        if n > seq_len:
-            raise InputError(f"a prompt + continuation has {n + 1} tokens, more than seq_len + 1 = {seq_len + 1}")
-        tokens[i, :n], targets[i, :n], mask[i, :n] = seq[:-1], seq[1:], 1
-        weights[i, len(p) - 1: n] = 1.0
-    return Examples(tokens, mask, targets, weights)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def _sum_log_probs(params, batch: Examples, config: ModelConfig) -> jax.Array:
     """[B] sum over the weighted tokens of log p(target), float32."""
@@ -151,8 +134,7 @@ def sequence_log_probs(params: Any, examples: Examples, *, config: ModelConfig, 
     out = []
     for start in range(0, N, chunk):
         rows = np.minimum(start + np.arange(chunk), N - 1)
-        part = Examples(*(a[rows] for a in examples))
-        out.append(np.asarray(_sum_log_probs(params, part, config))[: N - start])
+        out.append(np.asarray(_sum_log_probs(params, take(examples, rows), config))[: N - start])
     return np.concatenate(out).astype(np.float64)
 
 
@@ -161,8 +143,8 @@ class Rollout(NamedTuple):
     examples: Examples  # [R, T] prompt + continuation; weights 1 on the continuation's tokens
     texts: list[str]  # [R] the continuations as the reward read them (stop token dropped)
     rewards: np.ndarray  # [R] float64
-    policy_logp: np.ndarray  # [R] float64 sum over the continuation's tokens of log pi
-    reference_logp: np.ndarray  # [R] float64 the same under the reference
+    policy_logp: np.ndarray  # [R] float64 sum over the continuation's tokens of log pi (the engine's)
+    reference_logp: np.ndarray  # [R] float64 the same under the reference (a forward pass)
     new_tokens: np.ndarray  # [R] int continuation lengths (stop token included)
 
     @property
@@ -175,7 +157,9 @@ def rollout(policy: Model, reference: Any, prompt_ids: Sequence[Sequence[int]], 
             rl: RLConfig, key: jax.Array, *, seq_len: int, chunk: int = 16) -> Rollout:
     """Sample rl.k continuations of each prompt from `policy` (temperature 1), cut sample i to
     L_i ~ U[min_new_tokens, max_new_tokens] tokens (or its stop token), score them with
-    `reward`, and take their log-probabilities under the policy and the `reference` parameters.
+    `reward`, and take their log-probabilities under the policy (the engine's, which drew them:
+    no second forward) and under the `reference` parameters (a forward pass; none when
+    `reference is policy.params`: the KL is then 0).
 
     seq_len: the rows' length, at least len(longest prompt) + max_new_tokens - 1 over every
       prompt the run will see (one value per run: one compiled program)."""
@@ -197,9 +181,11 @@ def rollout(policy: Model, reference: Any, prompt_ids: Sequence[Sequence[int]], 
         raise InputError(f"the reward returned {rewards.shape} values (finite: {np.isfinite(rewards).all()}) "
                          f"for {P * k} texts; it must return one finite number per text")
     prompts = [list(prompt_ids[i // k]) for i in range(P * k)]
-    examples = continuation_examples(prompts, new, seq_len, tok.pad_id)
-    policy_logp = sequence_log_probs(policy.params, examples, config=policy.config, chunk=chunk)
-    reference_logp = sequence_log_probs(reference, examples, config=policy.config, chunk=chunk)
+    examples = token_examples(prompts, new, seq_len, tok.pad_id)
+    kept = np.arange(rl.max_new_tokens)[None, :] < lengths[:, None]  # [R, N] the tokens cut to L_i
+    policy_logp = np.where(kept, g.logprobs.reshape(P * k, -1), 0.0).sum(1, dtype=np.float64)
+    reference_logp = (policy_logp if reference is policy.params else
+                      sequence_log_probs(reference, examples, config=policy.config, chunk=chunk))
     return Rollout(examples, texts, rewards, policy_logp, reference_logp, lengths)
 
 
@@ -266,12 +252,11 @@ def _rloo(model, prompt_ids, reward, config, rl, out, seq_len, evals, progress, 
     state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
     step_fn = jax.jit(make_train_step(lm_loss(model.config, config, POLICY_GRADIENT), optimizer),
                       donate_argnums=0)
-    merge = jax.jit(full_params, static_argnames=("config",))
     micro = config.batch_size // config.accumulation
     prompts_per_step = config.batch_size // rl.k
 
     def current(step: int, state: TrainState) -> Model:
-        return model.with_params(merge(state.trainable, frozen["base"], config=config), name=f"step{step}",
+        return model.with_params(_merge(state.trainable, frozen["base"], config=config), name=f"step{step}",
                                  checkpoint_hash=f"{model.checkpoint_hash}-rloo-step{step}")
 
     save_steps = set(config.save_steps) | {config.steps}
@@ -301,7 +286,7 @@ def _rloo(model, prompt_ids, reward, config, rl, out, seq_len, evals, progress, 
 
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     try:  # on an exception, finish the saves already started: the next run resumes from them
-        if start == 0 and start < config.steps:
+        if start == 0:
             checkpoint(0, state)
         bar = tqdm.tqdm(range(start, end), initial=start, total=config.steps, desc="rloo", unit="step",
                         disable=not progress)
@@ -328,6 +313,9 @@ def _rloo(model, prompt_ids, reward, config, rl, out, seq_len, evals, progress, 
         manager.wait_until_finished()
         manager.close()
     return TrainResult(current(end, state), out, metrics)
+
+
+_merge = jax.jit(full_params, static_argnames=("config",))
 
 
 def _save_args(**pytrees):

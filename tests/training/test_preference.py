@@ -141,7 +141,8 @@ def test_lora_dpo_learns_a_planted_preference_on_held_out_pairs(tiny, tmp_path):
     logs = [m for m in run.metrics if m["kind"] == "train"]
     before, after = [m for m in run.metrics if m["kind"] == "eval"]
     # step 0: the policy is the reference (LoRA's b = 0): loss log 2, every margin 0
-    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and logs[0]["reward_margin"] == 0
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logs[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
     assert before["pref_accuracy"] == 0 and before["pref_margin"] == 0
     assert before["pref_logp_accuracy"] == before["pref_reference_logp_accuracy"] <= 0.35
     assert before["pref_logp_accuracy_high"] < 0.5  # the base's preference is the other way
@@ -191,6 +192,8 @@ def test_pair_rows_layout_and_left_truncation():
     np.testing.assert_array_equal(ex.targets[0, 6:], [a, a, A, C, c, 0])
     with pytest.raises(InputError, match="max_response"):
         P.pair_examples(tok, [(prompt, " b", " c")], seq_len=6, max_response=6)
+    with pytest.raises(InputError, match="empty prompt"):
+        P.pair_examples(tok, [("", " b", " c")], seq_len=6)
 
 
 def test_preference_metrics_and_interval():

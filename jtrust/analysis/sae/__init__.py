@@ -1,13 +1,17 @@
 """Sparse autoencoders in JAX: the LFP paper's tied ReLU + L1, TopK, BatchTopK (both with AuxK)
 and JumpReLU (`architectures`); several trained in one compiled program through the generic
 loop (`train`); SAELens's metrics and the reconstruction spliced into the model (`metrics`);
-SAELens's file format (`saelens`).
+SAELens's file format (`saelens`). Method, API and benchmark: docs/sae.md.
 
     from jtrust.analysis import sae
-    config = sae.SAEConfig(d_in=576, width=1152, architecture="topk", k=32)
-    run = sae.train_saes(acts, config, sae.sae_train_config(steps=2000), "runs/sae")  # acts [L, N, d]
-    sae.reconstruction_metrics(run.one(0), config, acts[0])
-    sae.save("runs/sae/layer0", run.one(0), config, hook_name="blocks.0.mlp_out")
+    acts = jtrust.extract(model, texts, sites=("mlp_out",), layers=[3, 5], pool="all", out_dir="runs/acts")
+    config = sae.SAEConfig(d_in=576, width=1152)                 # the paper's tied ReLU + L1
+    run = sae.train_saes([acts.get("mlp_out", l) for l in (3, 5)], config,
+                         sae.sae_train_config(steps=2000, batch_size=32), "runs/sae")
+    sae.reconstruction_metrics(run.one(0), config, acts.get("mlp_out", 3))
+    sae.spliced_losses(model, examples, run.one(0), config, layer=3)   # ce_loss_score, kl_div_score
+    sae.mmcs(sae.decoder(small, small_config), sae.decoder(big, big_config))
+    sae.save("runs/sae/layer3", run.one(0), config, hook_name="blocks.3.hook_mlp_out")
 """
 
 from jtrust.analysis.sae.architectures import (ARCHITECTURES, SAEConfig, SAEOutput, decoder, encode, forward,

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jtrust.core.errors import InputError
 
@@ -60,6 +61,16 @@ class SAEConfig:
             raise InputError(f"d_in and width must be >= 1, got {self.d_in} and {self.width}")
         if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.width:
             raise InputError(f"k must be in 1..{self.width} (the width), not {self.k}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise InputError(f"k_aux must be >= 1 (or None for d_in // 2), not {self.k_aux}")
+        if min(self.l1_coef, self.l0_coef, self.aux_coef) < 0:
+            raise InputError("l1_coef, l0_coef and aux_coef must be >= 0")
+        if self.dead_tokens < 1:
+            raise InputError(f"dead_tokens must be >= 1, not {self.dead_tokens}")
+        if not (self.bandwidth > 0 and self.init_threshold > 0):
+            raise InputError("jumprelu's bandwidth and init_threshold must be > 0")
+        if not 0 <= self.threshold_decay < 1:
+            raise InputError(f"threshold_decay must be in [0, 1), not {self.threshold_decay}")
 
     @property
     def aux_k(self) -> int:
@@ -78,6 +89,7 @@ class SAEOutput(NamedTuple):
     pre_activations: jax.Array  # [B, F]
 
 
+@functools.partial(jax.jit, static_argnames=("config",))  # one program per configuration for eager callers
 def init(key: jax.Array, config: SAEConfig) -> dict[str, jax.Array]:
     """Parameters of one SAE: W_enc with unit-norm latent directions, W_dec = W_enc^T (the
     usual start), zero biases."""
@@ -87,7 +99,7 @@ def init(key: jax.Array, config: SAEConfig) -> dict[str, jax.Array]:
     if config.architecture != "relu":
         params["W_dec"] = w.T
     if config.architecture == "jumprelu":
-        params["log_threshold"] = jnp.full(config.width, jnp.log(config.init_threshold))
+        params["log_threshold"] = jnp.full(config.width, np.log(config.init_threshold), jnp.float32)  # not weak-typed: one step program
     if config.architecture in ("topk", "batchtopk"):
         params["tokens_since_fired"] = jnp.zeros(config.width)
     if config.architecture == "batchtopk":
@@ -100,6 +112,7 @@ def decoder(params: dict, config: SAEConfig) -> jax.Array:
     return params["W_enc"].T if config.architecture == "relu" else params["W_dec"]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "inference"))
 def encode(params: dict, x: jax.Array, config: SAEConfig, *, inference: bool = True) -> tuple[jax.Array, jax.Array]:
     """(latents [B, F], pre-activations [B, F]) of x [B, d]. batchtopk keeps the batch's B k
     largest while training (inference=False) and its threshold at inference."""
@@ -116,8 +129,14 @@ def encode(params: dict, x: jax.Array, config: SAEConfig, *, inference: bool = T
     return jump_relu(pre, jnp.exp(params["log_threshold"]), config.bandwidth), pre
 
 
-def forward(params: dict, x: jax.Array, config: SAEConfig, *, inference: bool = False) -> SAEOutput:
-    """Latents, reconstruction and per-token loss terms of x [B, d] (total = their sum)."""
+@functools.partial(jax.jit, static_argnames=("config", "inference"))
+def forward(params: dict, x: jax.Array, config: SAEConfig, *, inference: bool = False,
+            any_dead: jax.Array | None = None) -> SAEOutput:
+    """Latents, reconstruction and per-token loss terms of x [B, d] (total = their sum).
+
+    any_dead (topk, batchtopk): whether AuxK runs at all (default: some latent of this SAE is
+    dead). While none is, its matmuls are skipped; `train_saes` passes one flag for the whole
+    stack, since under vmap a per-SAE flag would turn the skip into computing both branches."""
     x = x.astype(jnp.float32)
     f, pre = encode(params, x, config, inference=inference)
     w_dec = decoder(params, config)
@@ -133,10 +152,13 @@ def forward(params: dict, x: jax.Array, config: SAEConfig, *, inference: bool = 
         l0 = jnp.sum(step_function(pre, theta, config.bandwidth), axis=-1)
         return SAEOutput(f, x_hat, reconstruction, config.l0_coef * l0, zeros, pre)
     dead = jax.lax.stop_gradient(params["tokens_since_fired"]) >= config.dead_tokens
-    aux = aux_k_loss(pre, dead, jax.lax.stop_gradient(error), w_dec, config.aux_k)
+    any_dead = jnp.any(dead) if any_dead is None else any_dead
+    aux = jax.lax.cond(any_dead, lambda: aux_k_loss(pre, dead, jax.lax.stop_gradient(error), w_dec, config.aux_k),
+                       lambda: zeros)
     return SAEOutput(f, x_hat, reconstruction, zeros, config.aux_coef * aux, pre)
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def loss(params: dict, x: jax.Array, config: SAEConfig) -> tuple[jax.Array, SAEOutput]:
     """(mean per-token loss, the forward's output) for x [B, d]."""
     out = forward(params, x, config)
