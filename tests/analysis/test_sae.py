@@ -120,7 +120,8 @@ def test_auxk_revives_planted_dead_latents(tmp_path):
     dead = jnp.zeros(F).at[8:].set(1e9)  # what training counts once they have not fired for 256 tokens
     for aux_coef in (0.0, 1 / 32):
         c = dataclasses.replace(config, aux_coef=aux_coef)
-        grads = jax.jit(jax.grad(lambda p: sae.loss(dict(p, tokens_since_fired=dead), jnp.asarray(x[:256]), c)[0]))(params)
+        loss = lambda p: sae.loss(dict(p, tokens_since_fired=dead), jnp.asarray(x[:256]), c)[0]
+        grads = jax.jit(jax.grad(loss))(params)
         reached = float(jnp.abs(grads["W_enc"][:, 8:]).sum()) + float(jnp.abs(grads["b_enc"][8:]).sum())
         assert (reached > 0) == (aux_coef > 0)  # only AuxK reaches the dead latents
     run = sae.train_saes(x[None], config, train_config(100), tmp_path / "run", progress=False,
@@ -271,7 +272,8 @@ def test_ce_loss_score_is_one_for_an_identity_sae_and_zero_for_a_zero_map():
                 "W_dec": jnp.asarray(np.concatenate([eye, -eye], 0)), "b_dec": jnp.zeros(d),
                 "tokens_since_fired": jnp.zeros(2 * d)}
     out = sae.spliced_losses(model, examples, identity, config, layer=1, batch_size=2)  # a padded last batch
-    assert out["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and out["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert out["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert out["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
     assert out["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
     zero = dict(identity, W_dec=jnp.zeros((2 * d, d)))
     out = sae.spliced_losses(model, examples, zero, config, layer=1, batch_size=2)
@@ -340,7 +342,8 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(InputError, match="NaN"):
         sae.train_saes([np.full((50, D), np.nan)], config, train, tmp_path / "r")
     with pytest.raises(InputError, match="init_params should have"):
-        sae.train_saes([np.zeros((50, D))], config, train, tmp_path / "r", init_params=sae.init(jax.random.key(0), config))
+        sae.train_saes([np.zeros((50, D))], config, train, tmp_path / "r",
+                       init_params=sae.init(jax.random.key(0), config))
     with pytest.raises(InputError, match=r"x must be \[tokens, 32\]"):
         sae.reconstruction_metrics(sae.init(jax.random.key(0), config), config, np.zeros((4, 8)))
     (tmp_path / "broken").mkdir()

@@ -99,7 +99,8 @@ def init(key: jax.Array, config: SAEConfig) -> dict[str, jax.Array]:
     if config.architecture != "relu":
         params["W_dec"] = w.T
     if config.architecture == "jumprelu":
-        params["log_threshold"] = jnp.full(config.width, np.log(config.init_threshold), jnp.float32)  # not weak-typed: one step program
+        # float32, not weak-typed: the first step's inputs then match every later step's (one compile)
+        params["log_threshold"] = jnp.full(config.width, np.log(config.init_threshold), jnp.float32)
     if config.architecture in ("topk", "batchtopk"):
         params["tokens_since_fired"] = jnp.zeros(config.width)
     if config.architecture == "batchtopk":
