@@ -115,3 +115,14 @@ def from_flags(cls, args: argparse.Namespace, prefix: str = "", **overrides):
         field = next((f for f in dataclasses.fields(cls) if f.name == e.field), None)
         flag = _flag(field, prefix.replace("_", "-")) if field is not None else e.field
         raise InputError(f"{flag}: {e.detail}") from None
+
+
+def from_config(cls, values: dict):
+    """An options dataclass from a JSON config's "options" object (JSON lists become tuples);
+    unknown keys are an InputError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"unknown options {unknown} in the config; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in values.items()})

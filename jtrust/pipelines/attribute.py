@@ -35,7 +35,6 @@ import pathlib
 import re
 import sys
 import time
-import typing
 import zipfile
 from typing import Sequence
 
@@ -45,7 +44,7 @@ from scipy.stats import rankdata
 from jtrust.analysis import attribution as attr
 from jtrust.core import store
 from jtrust.core.errors import InputError
-from jtrust.core.options import check, option
+from jtrust.core.options import check, from_config, option
 from jtrust.data import canaries as cn
 from jtrust.io.runs import RUN_MARKER
 from jtrust.models.lora import PROJECTIONS, LoraConfig
@@ -130,14 +129,8 @@ class AttributeOptions:
 
 
 def options_from_config(values: dict) -> AttributeOptions:
-    """AttributeOptions from a config's "options" object (JSON lists become tuples)."""
-    hints = typing.get_type_hints(AttributeOptions)
-    names = {f.name for f in dataclasses.fields(AttributeOptions)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise InputError(f"unknown options {unknown} in the config; known: {sorted(names)}")
-    return AttributeOptions(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
-                               for k, v in values.items()})
+    """AttributeOptions from a config's "options" object."""
+    return from_config(AttributeOptions, values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import os
 import pathlib
 import sys
 import time
-import typing
 
 import jax
 import numpy as np
@@ -47,7 +46,7 @@ import numpy as np
 from jtrust.analysis import feedback, lfp, sae
 from jtrust.core import store
 from jtrust.core.errors import InputError
-from jtrust.core.options import check, option
+from jtrust.core.options import check, from_config, option
 from jtrust.data import preferences as prefs
 from jtrust.io.runs import RUN_MARKER, run_series
 from jtrust.models.lora import PROJECTIONS, LoraConfig
@@ -110,13 +109,8 @@ class LfpOptions:
 
 
 def options_from_config(values: dict) -> LfpOptions:
-    hints = typing.get_type_hints(LfpOptions)
-    names = {f.name for f in dataclasses.fields(LfpOptions)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise InputError(f"unknown options {unknown} in the config; known: {sorted(names)}")
-    return LfpOptions(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
-                         for k, v in values.items()})
+    """LfpOptions from a config's "options" object."""
+    return from_config(LfpOptions, values)
 
 
 # ---------------------------------------------------------------------------------------------
