@@ -6,8 +6,6 @@ features to the feedback, and whether the features a probe leans on are feedback
 
   layer_changes / top_layers   sum over a block's tensors of |theta_base - theta_tuned|_2, top 5
                                (the authors' code; LoRA runs are compared merged)
-  lexicon_tokens               token rows whose word carries a lexicon valence (the per-token
-                               part of the sentiment reward), with their text and position
   reward_probe                 ridge regression from features to valence, Kendall tau on
                                held-out rows against an untrained random probe
   preference_probe             logistic regression on mean-pooled features, chosen vs rejected,
@@ -19,7 +17,7 @@ features to the feedback, and whether the features a probe leans on are feedback
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +28,6 @@ from jtrust.analysis.bounds import clopper_pearson
 from jtrust.analysis.features import standardize
 from jtrust.analysis.probe import fit_logistic_lbfgs
 from jtrust.core.errors import InputError
-from jtrust.models.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,42 +59,6 @@ def top_layers(changes: np.ndarray, k: int = 5) -> list[int]:
     if not np.any(changes > 0):
         raise InputError("the tuned parameters equal the base ones: nothing changed in training")
     return [int(i) for i in np.argsort(-changes, kind="stable")[:k]]
-
-
-# ---------------------------------------------------------------------------------------------
-# token valences
-
-class TokenValences(NamedTuple):
-    """Token rows carrying a lexicon valence, n of them (rows index a pool="all" extraction)."""
-    row: np.ndarray  # [n] int64 row of the token in the concatenated token activations
-    text: np.ndarray  # [n] int64 text index
-    position: np.ndarray  # [n] int64 token position within its text
-    word: list[str]  # [n] the token's word (decoded, stripped, lower-cased)
-    valence: np.ndarray  # [n] float64 lexicon valence (never 0)
-
-
-def token_words(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[str]]:
-    """Per text, each token's word (decoded alone, stripped, lower-cased), as extraction tokenizes."""
-    return [[tokenizer.decode([i], skip_special_tokens=False).strip().lower() for i in tokenizer.encode(t)]
-            for t in texts]
-
-
-def lexicon_tokens(tokenizer: Tokenizer, texts: Sequence[str], lexicon: Mapping[str, float]) -> TokenValences:
-    """The tokens of `texts` that are whole lexicon words (single-token words only, as the
-    authors' code: a word split over tokens has no one row to read)."""
-    rows, text_ix, positions, words, valences = [], [], [], [], []
-    offset = 0
-    for t, token_list in enumerate(token_words(tokenizer, texts)):
-        for p, word in enumerate(token_list):
-            v = lexicon.get(word, 0.0)
-            if v != 0.0:
-                rows.append(offset + p), text_ix.append(t), positions.append(p)
-                words.append(word), valences.append(v)
-        offset += len(token_list)
-    if not rows:
-        raise InputError("no token of these texts is a lexicon word: give texts with sentiment words")
-    return TokenValences(np.asarray(rows, np.int64), np.asarray(text_ix, np.int64),
-                         np.asarray(positions, np.int64), words, np.asarray(valences, np.float64))
 
 
 # ---------------------------------------------------------------------------------------------

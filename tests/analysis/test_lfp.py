@@ -103,24 +103,3 @@ def test_top_activating_and_feature_valence():
     assert mean[0] == 2.0 and fraction[0] == 1.0
     expected = valence[top[1]] * (latents[top[1], 4] > 0)
     assert mean[1] == pytest.approx(expected.mean()) and fraction[1] == pytest.approx((expected != 0).mean())
-
-
-def test_lexicon_tokens_agree_with_the_tokenizers_offsets(tmp_path):
-    make_tiny_hf_dir(tmp_path / "m", "llama")
-    tokenizer = jtrust.load(tmp_path / "m").tokenizer
-    texts = ["The quick brown fox jumps over the lazy dog.", "Trust, but verify the fox."]
-    lexicon = {"the": 1.5, "ick": -0.8, "fox": 2.3}  # the tiny BPE splits "fox"; "the" is whole
-    found = lfp.lexicon_tokens(tokenizer, texts, lexicon)
-
-    expected, offset = [], 0  # oracle: each token's character span in the text
-    for t, text in enumerate(texts):
-        enc = tokenizer.backend.encode(text, add_special_tokens=False)
-        for p, (a, b) in enumerate(enc.offsets):
-            word = text[a:b].strip().lower()
-            if word in lexicon:
-                expected.append((offset + p, t, p, word, lexicon[word]))
-        offset += len(enc.ids)
-    assert expected, "the tiny tokenizer should keep some lexicon words whole"
-    assert list(zip(found.row, found.text, found.position, found.word, found.valence)) == expected
-    with pytest.raises(InputError, match="lexicon word"):
-        lfp.lexicon_tokens(tokenizer, ["brown dog"], lexicon)
