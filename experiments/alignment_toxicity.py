@@ -17,7 +17,8 @@ import json
 import numpy as np
 
 import jtrust
-from jtrust.analysis.bounds import clopper_pearson, leak_upper
+from jtrust.analysis.bounds import leak_upper
+from jtrust.core.stats import clopper_pearson
 from jtrust.pipelines.evaluate import EvaluateOptions, evaluate, write
 from jtrust.analysis.steer import toxicity_prompts
 

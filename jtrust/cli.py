@@ -1,4 +1,4 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp, detox."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from jtrust.core.options import add_flags, from_flags
 from jtrust.models.sites import SITES
 from jtrust.pipelines.attribute import AttributeOptions
 from jtrust.pipelines.lfp import LfpOptions
+from jtrust.pipelines.detox import DetoxOptions
 from jtrust.pipelines.evaluate import EvaluateOptions
 from jtrust.pipelines.trace import SteerOptions, TraceOptions
 from jtrust.runtime.generate import Sampling
@@ -206,6 +207,22 @@ def cmd_lfp(args) -> None:
     print(f"lfp finished in {time.perf_counter() - t:.0f} s; report: {report}")
 
 
+def cmd_detox(args) -> None:
+    import json as json_
+    from jtrust.io.loading import load
+    from jtrust.pipelines.detox import run_detox
+    options = from_flags(DetoxOptions, args)
+    t = time.perf_counter()
+    model = load(args.model)
+    scorer_model = model if args.scorer_model == args.model else load(args.scorer_model)
+    report = run_detox(model, args.out, options, scorer_model=scorer_model)
+    results = json_.loads((report.parent / "results.json").read_text())["results"]
+    for name, r in results.items():
+        print(f"{name:>9} toxic ratio {r['toxic_ratio']:.3f} [{r['toxic_low']:.3f}, {r['toxic_high']:.3f}], "
+              f"perplexity {r['perplexity']:.2f}, training {r['train_seconds']:.0f} s")
+    print(f"detox finished in {time.perf_counter() - t:.0f} s; report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the traceback of a bad-input error"
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
@@ -288,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/lfp")
     add_flags(s, LfpOptions)
     s.set_defaults(fn=cmd_lfp)
+
+    s = command("detox", help="detoxification: contrastive perplexity (two variants), DPO and steering, one evaluation")
+    s.add_argument("--model", default="smollm2", help="the model to detoxify (one checkpoint)")
+    s.add_argument("--out", default="runs/detox")
+    s.add_argument("--scorer-model", default="smollm2", help="the model the toxicity probe reads "
+                   "(the embedded model it was trained on; reused when it is --model)")
+    add_flags(s, DetoxOptions)
+    s.set_defaults(fn=cmd_detox)
     return p
 
 

@@ -36,9 +36,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Many tests compile the same programs (a tiny model's train step, say, for a straight and a
 # resumed run): XLA's persistent cache, in a directory of this session only, compiles each once.
 # The environment carries it into the tests' subprocesses too.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="jtrust-test-xla-")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILE_CACHE)
+# pytest-xdist's workers inherit the directory from the controller, so they share it; only the
+# process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jtrust-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

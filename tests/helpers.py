@@ -74,3 +74,34 @@ def make_tiny_hf_dir(path: pathlib.Path, family: str, seed: int = 0, noise: floa
 
 def random_tokens(shape, vocab=300, seed=0):
     return np.random.RandomState(seed).randint(3, vocab, shape).astype(np.int32)
+
+
+def random_llama(config, tokenizer=None, name: str = "tiny", seed: int = 0):
+    """A jtrust Model with normal random weights in init_params' layout, built in place (no
+    checkpoint files; init_params' Linen init would compile for seconds)."""
+    import jax
+    from jtrust.models.decoder import init_params
+    from jtrust.models.model import Model
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        key = path[-1].key
+        if key == "scale":
+            return np.ones(leaf.shape, np.float32)
+        std = 1.0 if key == "embedding" else leaf.shape[-2] ** -0.5
+        return (std * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    return Model(config, jax.tree_util.tree_map_with_path(draw, shapes), tokenizer, name=name,
+                 checkpoint_hash=f"{name}-{seed}")
+
+
+def assert_grads_match_torch(grads, torch_model, config, rtol: float = 2e-5) -> None:
+    """jtrust gradients [params pytree] against the .grad of a backpropagated transformers
+    model, each leaf within rtol of that leaf's largest magnitude; clears the torch grads."""
+    import jax
+    from jtrust.io.convert import hf_to_params
+    want = hf_to_params({k: v.grad.numpy() for k, v in torch_model.named_parameters()}, config)
+    torch_model.zero_grad()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=rtol * np.abs(b).max()),
+                 grads, want)

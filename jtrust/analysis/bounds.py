@@ -16,15 +16,6 @@ from scipy import optimize, stats
 from jtrust.core.errors import InputError
 
 
-def clopper_pearson(k: np.ndarray, n: int, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided exact binomial interval for k successes of n trials (arrays of k)."""
-    k = np.asarray(k)
-    a = (1 - confidence) / 2
-    low = np.where(k == 0, 0.0, stats.beta.ppf(a, np.maximum(k, 1), n - k + 1))
-    high = np.where(k == n, 1.0, stats.beta.ppf(1 - a, k + 1, np.maximum(n - k, 1)))
-    return low, high
-
-
 def check_alpha(alpha: float) -> None:
     """A bound holds with probability 1 - alpha: alpha must lie strictly between 0 and 1."""
     if not 0 < alpha < 1:

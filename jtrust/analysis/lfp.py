@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from jtrust.analysis.bounds import clopper_pearson
+from jtrust.core.stats import clopper_pearson
 from jtrust.analysis.features import standardize
 from jtrust.analysis.probe import fit_logistic_lbfgs
 from jtrust.core.errors import InputError

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtrust.core.errors import InputError
-from jtrust.analysis.bounds import clopper_pearson
+from jtrust.core.stats import clopper_pearson
 
 HISTORY = 10  # L-BFGS correction pairs (scipy's and so sklearn's default)
 NEWTON_STEPS = 15

@@ -68,7 +68,7 @@ from jtrust.core.store import verified_sha256
 from jtrust.data import BUNDLED
 from jtrust.runtime.extract import extract
 from jtrust.models.model import Model
-from jtrust.analysis.bounds import clopper_pearson
+from jtrust.core.stats import clopper_pearson
 from jtrust.analysis.probe import fit_logistic
 
 FORMAT = "jtrust-scorer/1"
@@ -337,13 +337,20 @@ def toxigen_annotated() -> tuple[list[str], np.ndarray]:
     labels: 1 toxic (mean human rating >= 4), 0 benign (<= 2), AMBIGUOUS (-1) in between (the
     scorer drops those; see the module docstring). Texts are unwrapped from their bytes literals.
     """
+    texts, _, ratings = toxigen_statements()
+    labels = np.where(ratings >= TOXIC_AT_LEAST, 1, np.where(ratings <= BENIGN_AT_MOST, 0, AMBIGUOUS))
+    return texts, labels.astype(np.int32)
+
+
+def toxigen_statements() -> tuple[list[str], list[str], np.ndarray]:
+    """ToxiGen's human-annotated statements in file order: texts [8960] (unwrapped from their
+    bytes literals), target groups [8960] ("asian", "mental_dis", ...), mean human toxicity
+    ratings [8960] float64 on 1-5."""
     verified_sha256(TOXIGEN_FILE)
     with open(TOXIGEN_FILE, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    texts = [bytes_literal_text(r["text"]) for r in rows]
-    ratings = np.array([float(r["toxicity_human"]) for r in rows])
-    labels = np.where(ratings >= TOXIC_AT_LEAST, 1, np.where(ratings <= BENIGN_AT_MOST, 0, AMBIGUOUS))
-    return texts, labels.astype(np.int32)
+    return ([bytes_literal_text(r["text"]) for r in rows], [r["target_group"] for r in rows],
+            np.array([float(r["toxicity_human"]) for r in rows]))
 
 
 def truthfulness_judgements() -> tuple[list[str], np.ndarray, list[str]]:

@@ -28,7 +28,7 @@ from jtrust.runtime.extract import extract
 from jtrust.runtime.generate import generate, sequence_logprobs
 from jtrust.models.model import Model
 from jtrust.models.interventions import Intervention, at_layer
-from jtrust.analysis.bounds import clopper_pearson
+from jtrust.core.stats import clopper_pearson
 
 VARIANTS = ("paper", "code")
 # metric -> (dataset the vector comes from, label the vector points toward: toxicity steers to benign)

@@ -35,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -338,6 +338,17 @@ def read_cell(path: str | os.PathLike, key: dict) -> Any | None:
 
 def write_cell(path: str | os.PathLike, key: dict, result: Any) -> None:
     write_json(path, dict(key=key, result=result))
+
+
+def cached_cell(path: str | os.PathLike, key: dict, compute: Callable[[], Any]) -> Any:
+    """The cell at `path` for `key`, computed (and written atomically) when absent or stale;
+    either way the result as it reads back from JSON."""
+    found = read_cell(path, key)
+    if found is not None:
+        return found
+    result = compute()
+    write_cell(path, key, result)
+    return json.loads(json.dumps(result))
 
 
 def identity_diff(stored: dict, wanted: dict, keys: Sequence[str]) -> list[str]:

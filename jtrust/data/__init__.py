@@ -12,19 +12,18 @@ cannot read. `iter_examples` yields the labelled rows one dict at a time;
 
 from __future__ import annotations
 
-import collections
 import csv
 import hashlib
-import io
 import json
 import os
 import pathlib
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from jtrust.core import store
 from jtrust.core.errors import InputError, MissingInput
+from jtrust.data.files import Row, keys, kind, located_rows, read_bytes, short
 
 BUNDLED = pathlib.Path(__file__).parent
 
@@ -47,9 +46,6 @@ DIMENSION_TITLES = {
 _TEXT_COLUMNS = ("text", "statement", "prompt", "question", "Question")
 _PROMPT_FIELDS = ("prompt", "question", "text")
 _REFERENCE_FIELDS = ("reference", "answer")
-SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
-# csv's default limit is 131072 characters per field; texts may be longer, but not unboundedly
-CSV_FIELD_LIMIT = 1 << 24
 # pre-training text (see LICENSES/NOTICE.md): the train head is lowercased as shipped upstream
 CORPORA = {
     "tinystories_train": "corpus/tinystories/tinystories_train_head_lowercase.txt",
@@ -62,11 +58,6 @@ class LabelledTexts(NamedTuple):
     texts: list[str]
     labels: np.ndarray | None  # [n] int32 in {0, 1}, or None for unlabelled text
     sha256: str  # of the source file's bytes
-
-
-class _Row(NamedTuple):
-    where: str  # "line 6" (csv, jsonl, txt) or "entry 3" (a JSON array), counted from 1
-    fields: dict
 
 
 def load_texts(name_or_path: str, require_labels: bool = False) -> LabelledTexts:
@@ -88,8 +79,8 @@ def load_texts(name_or_path: str, require_labels: bool = False) -> LabelledTexts
             raise MissingInput(f"no dataset at {path}: pass one of {sorted(TRUST_DATASETS)} or "
                                "a .csv/.jsonl/.json/.txt file with a 'text' column (and 'label' 0/1)")
         name = path.stem
-    data = _read_bytes(path)
-    rows = _located_rows(path, data)
+    data = read_bytes(path)
+    rows = located_rows(path, data)
     if not rows:
         raise InputError(f"{path}: the file holds no rows; expected a 'text' column (and 'label' 0/1)")
     text_col = _pick_field(path, rows, _TEXT_COLUMNS, "text column")
@@ -117,7 +108,7 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingInput(f"no prompts file at {path}; pass a .json, .jsonl, .csv or .txt file")
-    rows = _located_rows(path, _read_bytes(path), txt_field="prompt")
+    rows = located_rows(path, read_bytes(path), txt_field="prompt")
     if not rows:
         raise InputError(f"{path} holds no prompts; expected entries with a 'prompt' or "
                          "'question' field (and optionally 'answer'), or one prompt per line (.txt)")
@@ -150,154 +141,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingInput(f"no such file: {path}")
-    return [r.fields for r in _located_rows(path, _read_bytes(path))]
+    return [r.fields for r in located_rows(path, read_bytes(path))]
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the file ({e.strerror or e}); check its permissions") from e
-
-
-def _located_rows(path: pathlib.Path, data: bytes, txt_field: str = "text") -> list[_Row]:
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise InputError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .jsonl, .json "
-                         "or .txt")
-    text = _decode(path, data)
-    if suffix == ".csv":
-        return _csv_rows(path, text)
-    if suffix == ".txt":
-        return [_Row(f"line {i}", {txt_field: line})
-                for i, line in enumerate(_lines(text), 1) if line.strip()]
-    if suffix == ".json":
-        if text.lstrip().startswith("["):
-            return _json_array_rows(path, text)
-        try:
-            whole = json.loads(text)
-        except (ValueError, RecursionError):
-            whole = None  # not one JSON value: read it as JSON lines
-        else:
-            if not isinstance(whole, dict):
-                raise InputError(f"{path}: holds {_kind(whole)}, neither a JSON array of objects nor "
-                                 'JSON lines; expected [{"text": ...}, ...] or one object per line')
-            return [_Row("the top-level object", whole)]
-    return _json_lines_rows(path, text, suffix)
-
-
-def _lines(text: str) -> list[str]:
-    """Lines as an editor numbers them (LF, CRLF or CR), not str.splitlines (which also splits
-    at U+2028, form feeds, ... that JSON strings may hold)."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-
-
-def _decode(path: pathlib.Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is dropped
-    except UnicodeDecodeError as e:
-        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        line = len(_lines(data[:start].decode("utf-8", errors="replace")))
-        raise InputError(f"{path}: not UTF-8 text: line {line} (byte offset {start}) holds the byte "
-                         f"0x{data[start]:02x}; re-save the file as UTF-8") from None
-
-
-def _csv_rows(path: pathlib.Path, text: str) -> list[_Row]:
-    if csv.field_size_limit() < CSV_FIELD_LIMIT:
-        csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows, header, line = [], None, 1
-    try:
-        for record in reader:
-            start, line = line, reader.line_num + 1  # the record spans lines start..line_num
-            if not record or (len(record) == 1 and not record[0].strip() and header is not None):
-                continue  # blank line
-            if header is None:
-                header = record
-                duplicated = sorted(h for h, n in collections.Counter(header).items() if n > 1)
-                if duplicated:
-                    raise InputError(f"{path}: line {start}: the header names {duplicated} more "
-                                     "than once; give every column its own name")
-                continue
-            if len(record) != len(header):
-                few = len(record) < len(header)
-                raise InputError(
-                    f"{path}: line {start} has {len(record)} fields but the header has "
-                    f"{len(header)} ({_short(header)[1:-1]}); "
-                    + ("add the missing fields" if few else
-                       "quote fields that contain commas (\"like, this\")"))
-            rows.append(_Row(f"line {start}", dict(zip(header, record))))
-    except csv.Error as e:
-        limit = "field larger than field limit" in str(e)
-        raise InputError(
-            f"{path}: line {reader.line_num}: not valid CSV ({e}); "
-            + (f"a field is longer than {CSV_FIELD_LIMIT} characters: split the text"
-               if limit else "check the quoting on that line")) from None
-    return rows
-
-
-def _json_array_rows(path: pathlib.Path, text: str) -> list[_Row]:
-    value = _json(path, text, None)
-    if not isinstance(value, list):  # text starting with "[" that parses is a list
-        raise InputError(f"{path}: expected a JSON array of objects")
-    rows = []
-    for i, item in enumerate(value, 1):
-        if not isinstance(item, dict):
-            raise InputError(f"{path}: entry {i} of the JSON array is {_kind(item)}, not an object; "
-                             'expected [{"text": ...}, ...]')
-        rows.append(_Row(f"entry {i}", item))
-    return rows
-
-
-def _json_lines_rows(path: pathlib.Path, text: str, suffix: str) -> list[_Row]:
-    rows = []
-    for i, line in enumerate(_lines(text), 1):
-        if not line.strip():
-            continue
-        item = _json(path, line, i, hint=suffix == ".json")
-        if not isinstance(item, dict):
-            raise InputError(f"{path}: line {i} is {_kind(item)}, not a JSON object; JSON lines "
-                             'hold one object per line, like {"text": "...", "label": 1}')
-        rows.append(_Row(f"line {i}", item))
-    return rows
-
-
-def _json(path: pathlib.Path, text: str, line: int | None, hint: bool = False) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f"line {line if line is not None else e.lineno} column {e.colno}"
-        shape = ("; a .json file holds an array of objects or one object per line (JSON lines)"
-                 if hint else "")
-        raise InputError(f"{path}: {where}: not valid JSON ({e.msg}){shape}; fix that line") from None
-    except (ValueError, RecursionError) as e:  # huge integers, nesting deeper than Python's stack
-        where = f"line {line}" if line is not None else "the array"
-        raise InputError(f"{path}: {where}: unreadable JSON ({type(e).__name__}: "
-                         f"{str(e)[:120]}); rows must be flat objects of strings and numbers") from None
-
-
-def _kind(value) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _keys(row: _Row) -> str:
-    keys = sorted(map(str, row.fields))
-    return str(keys) if len(keys) <= 8 else f"{keys[:8]} and {len(keys) - 8} more"
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _pick_field(path: pathlib.Path, rows: list[_Row], candidates: tuple[str, ...], what: str) -> str:
+def _pick_field(path: pathlib.Path, rows: list[Row], candidates: tuple[str, ...], what: str) -> str:
     """The first of `candidates` the first row has; every other row must have it too."""
     field = next((c for c in candidates if c in rows[0].fields), None)
     if field is None:
         other = next((r for r in rows if any(c in r.fields for c in candidates)), None)
-        found = _keys(rows[0])
+        found = keys(rows[0])
         if other is None:
             raise InputError(f"{path}: no {what} (found {found}); rename the column that holds "
                              f"the text to one of {', '.join(map(repr, candidates))}")
@@ -306,14 +158,14 @@ def _pick_field(path: pathlib.Path, rows: list[_Row], candidates: tuple[str, ...
     for r in rows:
         if field not in r.fields:
             raise InputError(f"{path}: {r.where} lacks the {field!r} field that {rows[0].where} "
-                             f"has (found {_keys(r)}); give every row a {field!r}")
+                             f"has (found {keys(r)}); give every row a {field!r}")
     return field
 
 
-def _string(path: pathlib.Path, row: _Row, field: str) -> str:
+def _string(path: pathlib.Path, row: Row, field: str) -> str:
     value = row.fields[field]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise InputError(f"{path}: {row.where}: {field!r} is {_kind(value)}, expected a string; "
+        raise InputError(f"{path}: {row.where}: {field!r} is {kind(value)}, expected a string; "
                          "write the text in quotes")
     text = value if isinstance(value, str) else str(value)
     try:
@@ -341,7 +193,7 @@ def _label(value) -> int | None:
     raise ValueError(value)
 
 
-def _labels(path: pathlib.Path, rows: list[_Row], require: bool) -> np.ndarray | None:
+def _labels(path: pathlib.Path, rows: list[Row], require: bool) -> np.ndarray | None:
     """The rows' 0/1 labels; None without a label column (or a gap in it) unless `require`."""
     if not any("label" in r.fields for r in rows):
         if require:
@@ -353,7 +205,7 @@ def _labels(path: pathlib.Path, rows: list[_Row], require: bool) -> np.ndarray |
         try:
             labels.append(_label(r.fields.get("label")))
         except ValueError:
-            raise InputError(f"{path}: {r.where}: label {_short(r.fields['label'])} is not 0 or 1; labels must be "
+            raise InputError(f"{path}: {r.where}: label {short(r.fields['label'])} is not 0 or 1; labels must be "
                              "exactly 0 or 1 (or true/false); fix the row, or rename the column "
                              "if it is not a binary label") from None
     gaps = [r.where for r, y in zip(rows, labels) if y is None]
@@ -395,3 +247,64 @@ def tofu(name: str) -> list[dict]:
 
 def _clean(text: str) -> str:
     return text.replace("_x000D_", "").strip()  # spreadsheet carriage-return leftovers in toxigen
+
+
+# ---------------------------------------------------------------------------------------------
+# detoxification: ToxiGen's seed statements and a TruthfulQA multiple-choice task
+
+DEMONSTRATIONS = BUNDLED / "toxigen" / "demonstrations"
+# demonstration file group -> the annotated file's target_group (immigrant has none there)
+TOXIGEN_GROUPS = {"mental_disability": "mental_dis", "physical_disability": "physical_dis", "bisexual": "lgbtq",
+                  "immigrant": None}
+
+
+class Anchor(NamedTuple):
+    text: str
+    group: str  # the demonstration file's group: "black", "mental_disability", "bisexual", ...
+    toxic: bool  # from a hate_ file (True) or a neutral_ file (False)
+
+
+def toxigen_anchors() -> list[Anchor]:
+    """ToxiGen's 597 seed statements (bundled, checksum-verified), in file-name order."""
+    anchors = []
+    for path in sorted(DEMONSTRATIONS.glob("*.txt")):
+        store.verified_sha256(path)
+        kind, _, group = path.stem.split("__", 1)[1].partition("_")
+        group = group.removesuffix("_sentences")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                anchors.append(Anchor(line.strip(), group, kind == "hate"))
+    return anchors
+
+
+def toxigen_group(group: str) -> str | None:
+    """The annotated file's target_group for a demonstration group (None: not annotated)."""
+    return TOXIGEN_GROUPS.get(group, group)
+
+
+class MultipleChoice(NamedTuple):
+    question: str
+    choices: list[str]
+    answer: int  # index of the correct choice
+
+
+def truthfulqa_mc() -> list[MultipleChoice]:
+    """TruthfulQA as multiple choice (bundled TruthfulQA.csv, 790 questions): the best answer
+    (choice 0) against the question's incorrect answers (at most 3, in file order)."""
+    path = BUNDLED / "truthfulqa" / "TruthfulQA.csv"
+    store.verified_sha256(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    tasks = []
+    for row in rows:
+        wrong = [a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()][:3]
+        if wrong:
+            tasks.append(MultipleChoice(row["Question"].strip(), [row["Best Answer"].strip()] + wrong, 0))
+    return tasks
+
+
+def tofu_world_facts_mc() -> list[MultipleChoice]:
+    """TOFU's world facts (117 questions) as multiple choice: the answer (choice 0) against its
+    three perturbed answers."""
+    return [MultipleChoice(r["question"], [r["answer"]] + list(r["perturbed_answer"]), 0)
+            for r in tofu("world_facts_perturbed")]

@@ -17,18 +17,17 @@ seeded fraction of prompts (a repeated prompt stays on one side).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import pathlib
-import zlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from jtrust.core import store
 from jtrust.core.errors import InputError, MissingInput
-from jtrust.data import BUNDLED, _decode, _json_lines_rows, _kind, _located_rows, _read_bytes
+from jtrust.data import BUNDLED
+from jtrust.data.files import kind, located_rows, read_bytes
 
 HH_RLHF = "hh_rlhf/harmless-base_test.jsonl.gz"  # 2312 rows; 2303 pairs after the drops above
 ASSISTANT = "\n\nAssistant:"
@@ -84,8 +83,8 @@ def read_pairs(path: str | os.PathLike | None = None) -> PreferencePairs:
             raise MissingInput(f"no preference file at {path}; pass a .jsonl (or .jsonl.gz) file of "
                                '{"chosen": ..., "rejected": ...} dialogues, or None for the bundled HH-RLHF')
         name = path.name
-    data = _read_bytes(path)
-    rows = _rows(path, data)
+    data = read_bytes(path)
+    rows = located_rows(path, data)
     if not rows:
         raise InputError(f"{path}: the file holds no rows; expected one "
                          '{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...} per line')
@@ -96,7 +95,7 @@ def read_pairs(path: str | os.PathLike | None = None) -> PreferencePairs:
             value = row.fields.get(field)
             if not isinstance(value, str):
                 raise InputError(f"{path}: {row.where}: {field!r} is "
-                                 f"{'missing' if value is None else _kind(value)}, expected the dialogue "
+                                 f"{'missing' if value is None else kind(value)}, expected the dialogue "
                                  'as a string; each row needs "chosen" and "rejected" dialogues')
             if ASSISTANT not in value:
                 raise InputError(f"{path}: {row.where}: the {field!r} dialogue has no "
@@ -128,15 +127,3 @@ def split_pairs(pairs: Sequence[PreferencePair], heldout: float | int = 0.1, see
                          "in (0, 1) or a count that leaves prompts on both sides")
     held = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:n]}
     return PreferenceSplit([p for p in pairs if p.prompt not in held], [p for p in pairs if p.prompt in held])
-
-
-def _rows(path: pathlib.Path, data: bytes):
-    """The file's JSON rows (located, for messages); .gz is decompressed first."""
-    if path.suffix.lower() != ".gz":
-        return _located_rows(path, data)
-    try:
-        text = _decode(path, gzip.decompress(data))
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path}: not a readable gzip file ({e}); re-download it or pass the "
-                         "uncompressed .jsonl") from None
-    return _json_lines_rows(path, text, ".jsonl")

@@ -49,7 +49,7 @@ from jtrust.data import canaries as cn
 from jtrust.io.runs import RUN_MARKER
 from jtrust.models.lora import PROJECTIONS, LoraConfig
 from jtrust.models.model import Model, Series
-from jtrust.pipelines.report import html_page, markdown, save_figure, write_table
+from jtrust.pipelines.report import html_page, markdown, save_figure, say, write_table
 from jtrust.runtime.generate import generate
 from jtrust import training as T
 
@@ -162,7 +162,7 @@ def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, progre
     pairs = lambda rows, key: [(prompt(r["question"]), " " + r[key]) for r in rows]
     train_ex = T.prompt_answer_examples(base.tokenizer, pairs(split.train, "answer"), options.seq_len)
     is_canary = np.array([r["canary"] for r in split.train])
-    _say(progress, f"attribute: {base.name}; {len(split.train)} training rows, {len(split.canaries)} "
+    say(progress, f"attribute: {base.name}; {len(split.train)} training rows, {len(split.canaries)} "
                    f"canaries ({split.city}), {len(split.heldout)} held-out questions -> {out}")
 
     run = finetune(base, train_ex, options, out / "finetune", progress)
@@ -172,7 +172,7 @@ def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, progre
     chosen = [i for i, hit in enumerate(names_city) if hit or options.queries == "all"]
     if options.max_queries is not None:
         chosen = chosen[: options.max_queries]
-    _say(progress, f"attribute: {sum(names_city)} of {len(answers)} held-out answers name "
+    say(progress, f"attribute: {sum(names_city)} of {len(answers)} held-out answers name "
                    f"{cn.city_name(split.city)}; tracing {len(chosen)}")
     queries = [dict(split.heldout[i], generated=answers[i], names_city=names_city[i]) for i in chosen]
     if not queries:
@@ -197,7 +197,7 @@ def _attribute(base: Model, out: pathlib.Path, options: AttributeOptions, progre
                                               options, out, run_id, progress)
     results = evaluate_scores(scores, is_canary, options.bootstrap, options.seed)
     path = write_report(out, options, split, answers, names_city, queries, scores, results)
-    _say(progress, f"attribute: done in {(time.perf_counter() - started) / 60:.1f} min; report: {path}")
+    say(progress, f"attribute: done in {(time.perf_counter() - started) / 60:.1f} min; report: {path}")
     return path
 
 
@@ -228,13 +228,8 @@ def generated_answers(model: Model, heldout: list[dict], options: AttributeOptio
     prompts = [options.prompt.format(question=r["question"]) for r in heldout]
     key = dict(format=CELL_FORMAT, run=run_id, prompts=store.text_hash(prompts)[:16],
                max_new_tokens=options.max_new_tokens)
-    path = out / "cells" / "generate.json"
-    cached = store.read_cell(path, key)
-    if cached is not None:
-        return cached
-    answers = [t[0].strip() for t in generate(model, prompts, max_new_tokens=options.max_new_tokens).texts]
-    store.write_cell(path, key, answers)
-    return answers
+    return store.cached_cell(out / "cells" / "generate.json", key, lambda: [
+        t[0].strip() for t in generate(model, prompts, max_new_tokens=options.max_new_tokens).texts])
 
 
 def influence_scores(method: str, series: Series, base: Model, train_ex: T.Examples,
@@ -265,7 +260,7 @@ def influence_scores(method: str, series: Series, base: Model, train_ex: T.Examp
                       mean=True)  # [1, N]: the mean over queries, one system per checkpoint for cg/lissa
     result = {v: np.asarray(s, np.float64) for v, s in result.items()}
     store.save_npz(path, key=np.array(json.dumps(key)), **result)
-    _say(progress, f"attribute: {method} scored in {time.perf_counter() - t:.0f} s")
+    say(progress, f"attribute: {method} scored in {time.perf_counter() - t:.0f} s")
     return result
 
 
@@ -449,11 +444,6 @@ def _plot_auc(results: list[dict], path: pathlib.Path) -> str:
     ax.set(ylabel="ROC AUC", ylim=(0, 1.02), title="canary examples found: AUC (95% bootstrap interval)")
     save_figure(fig, path)
     return f"plots/{path.name}"
-
-
-def _say(progress: bool, text: str) -> None:
-    if progress:
-        print(text, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import re
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jtrust.analysis import bounds
+from jtrust.analysis.rouge import exact_match, rouge_l_recall
 from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.core.options import check, option
@@ -76,33 +76,6 @@ class EvaluateOptions:
 
 
 # ---------------------------------------------------------------- scorers
-
-
-def _rouge_tokens(text: str) -> list[str]:
-    """rouge_score's default tokenizer (lowercase, non-alphanumerics as spaces), no stemmer."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    if not a or not b:
-        return 0
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, 1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """ROUGE-L recall: LCS(prediction, reference) / |reference| in tokens (TOFU's forget metric)."""
-    ref = _rouge_tokens(reference)
-    return _lcs_length(_rouge_tokens(prediction), ref) / len(ref) if ref else 0.0
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1 if the answer equals the reference up to case and punctuation, else 0."""
-    return float(_rouge_tokens(prediction) == _rouge_tokens(reference))
 
 
 def _per_text(fn: Callable[[str, str], float]) -> BatchScorer:
@@ -171,13 +144,15 @@ class Evaluation(NamedTuple):
 
 def evaluate(model: Model, prompts: Sequence[str], references: Sequence[str] | None = None,
              options: EvaluateOptions = EvaluateOptions(), *, scorer: BatchScorer | None = None,
-             scorer_model: Model | None = None, progress: bool = True) -> Evaluation:
+             scorer_model: Model | None = None, interventions: Sequence = (), progress: bool = True,
+             ) -> Evaluation:
     """Greedy and n sampled answers per prompt, scored, with bounds at level alpha.
 
     options: samples, sampling, scorer name, alpha (`EvaluateOptions`).
     scorer: a custom BatchScorer used instead of the named `options.scorer`.
     scorer_model: the model a model-based scorer reads ("toxicity": the embedded model); None
       means `model` itself when it is that model.
+    interventions: engine edits applied while answering (a steering vector: `steer.intervention`).
 
     Prompts go through the decoder `prompts_per_batch` at a time (n rows each), every batch
     padded to the same prompt length and row count, so all of them run one compiled program.
@@ -200,7 +175,8 @@ def evaluate(model: Model, prompts: Sequence[str], references: Sequence[str] | N
     threshold = LEAK_THRESHOLDS.get(name, 1.0) if o.leak_threshold is None else o.leak_threshold
     refs = None if references is None else list(references)
     pad_to = max(len(p) for p in encode_prompts(model.tokenizer, prompts, chat))
-    greedy = generate(model, prompts, max_new_tokens=max_new_tokens, chat=chat, pad_prompts_to=pad_to)
+    greedy = generate(model, prompts, max_new_tokens=max_new_tokens, chat=chat, pad_prompts_to=pad_to,
+                      interventions=interventions)
     greedy_answers = [row[0] for row in greedy.texts]
     greedy_scores = score(prompts, [[a] for a in greedy_answers], refs)[:, 0]
     key = jax.random.key(o.seed)
@@ -211,7 +187,8 @@ def evaluate(model: Model, prompts: Sequence[str], references: Sequence[str] | N
         chunk = prompts[start:start + per_batch]
         padded = chunk + [chunk[0]] * (per_batch - len(chunk))  # one shape for every batch
         out = generate(model, padded, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling,
-                       n_samples=n, key=jax.random.fold_in(key, start), pad_prompts_to=pad_to)
+                       n_samples=n, key=jax.random.fold_in(key, start), pad_prompts_to=pad_to,
+                       interventions=interventions)
         answers = out.texts[: len(chunk)]
         chunk_refs = None if refs is None else refs[start:start + len(chunk)]
         scores = _checked_scores(score(chunk, answers, chunk_refs), (len(chunk), n))

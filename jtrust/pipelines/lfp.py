@@ -16,7 +16,7 @@ After "Interpreting Learned Feedback Patterns in Large Language Models" (Marks e
   2. layers: the 5 blocks whose parameters changed most (`jtrust.analysis.lfp.layer_changes`);
   3. activations: mlp_out of those blocks on every token of the probing texts (held-out SST-2
      sentences; held-out HH prompts with each reply), base and tuned model (out/acts/);
-  4. SAEs: the paper's tied ReLU + L1 SAEs, widths 1x and 2x d_model, the 5 layers of one model
+  4. SAEs: the paper's tied ReLU + L1 SAEs (or TopK, BatchTopK, JumpReLU), widths 1x and 2x d_model, the 5 layers of one model
      and width trained in one program (`jtrust.analysis.sae`), with SAELens's metrics, CE-loss
      score with the reconstruction spliced in, and MMCS between the 1x and 2x dictionaries;
   5. probes: sentiment: ridge from the token's features (5 layers concatenated) to its word's
@@ -34,7 +34,6 @@ keyed cells under out/cells/. The call holds out_dir's lock.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -48,10 +47,10 @@ from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.core.options import check, from_config, option
 from jtrust.data import preferences as prefs
-from jtrust.io.runs import RUN_MARKER, run_series
+from jtrust.io.runs import RUN_MARKER
 from jtrust.models.lora import PROJECTIONS, LoraConfig
 from jtrust.models.model import Model, Series
-from jtrust.pipelines.report import html_page, markdown, save_figure, write_table
+from jtrust.pipelines.report import html_page, markdown, save_figure, say, write_table
 from jtrust.runtime.extract import extract, load_activations
 from jtrust import training as T
 from jtrust.training import preference as dpo_lib
@@ -84,7 +83,10 @@ class LfpOptions:
     widths: tuple[int, ...] = option((1, 2), "SAE widths, multiples of d_model")
     sae_steps: int = option(600, "SAE optimizer steps")
     sae_batch: int = option(512, "tokens per SAE step")
-    l1_coef: float = option(1e-3, "SAE L1 coefficient (the paper's)")
+    sae_architecture: str = option("relu", "SAE architecture: relu (the paper's tied ReLU + L1), topk, batchtopk "
+                                   "or jumprelu (jtrust.analysis.sae)")
+    sae_k: int = option(32, "topk / batchtopk SAEs: latents kept per token")
+    l1_coef: float = option(1e-3, "SAE L1 coefficient (the paper's; relu only)")
     sae_learning_rate: float = option(1e-3, "SAE Adam learning rate (the paper's)")
     ce_texts: int = option(32, "texts for the CE-loss score with the SAE spliced in")
     ridge_alpha: float = option(1.0, "ridge penalty of the sentiment probe")
@@ -96,7 +98,7 @@ class LfpOptions:
     def __post_init__(self):
         for name in ("steps", "batch_size", "lora_rank", "k", "n_prompts", "n_heldout", "eval_samples", "seq_len",
                      "max_reply", "top_layers", "probe_texts", "sae_steps", "sae_batch", "ce_texts",
-                     "top_features", "contexts", "permutations"):
+                     "top_features", "contexts", "permutations", "sae_k"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
         check(self.k >= 2, "k", "RLOO needs at least 2 samples per prompt")
         check(self.batch_size % self.k == 0 or self.task != "sentiment", "batch_size",
@@ -104,6 +106,8 @@ class LfpOptions:
         bad = [t for t in self.lora_targets if t not in PROJECTIONS]
         check(not bad and len(self.lora_targets) > 0, "lora_targets", f"unknown projections {bad}")
         check(len(self.widths) > 0 and min(self.widths) >= 1, "widths", "give positive multiples of d_model")
+        check(self.sae_architecture in sae.ARCHITECTURES, "sae_architecture",
+              f"unknown architecture {self.sae_architecture!r}; choose from {sae.ARCHITECTURES}")
         check(self.learning_rate > 0 and self.sae_learning_rate > 0 and self.beta > 0 and self.kl_coef >= 0,
               "learning_rate", "learning rates and beta must be > 0, kl_coef >= 0")
 
@@ -134,33 +138,33 @@ def _run(base: Model, out: pathlib.Path, options: LfpOptions, progress: bool) ->
     data = task_data(options)
     if options.task == "preference":
         data["probe_texts"], data["reply_starts"] = preference_texts(base.tokenizer, data["probe_pairs"], options)
-    _say(progress, f"lfp ({options.task}): {base.name} -> {out}")
+    say(progress, f"lfp ({options.task}): {base.name} -> {out}")
     tuned, feedback_result = tune(base, data, options, out, progress)
     run_id = store.text_hash((out / "tune" / RUN_MARKER).read_text())[:16]
     key = dict(format=CELL_FORMAT, run=run_id, options=dataclasses.asdict(options))
 
     changes = lfp.layer_changes(base.params, tuned.params)
     layers = sorted(lfp.top_layers(changes, options.top_layers))
-    _say(progress, f"lfp: layers changed most: {layers}")
+    say(progress, f"lfp: layers changed most: {layers}")
     models = {"base": base, "tuned": tuned}
     acts = {name: token_activations(m, data["probe_texts"], layers, out / "acts" / name, progress)
             for name, m in models.items()}
     saes = {(name, w): train_layer_saes(acts[name], layers, w, options, out, name, progress)
             for name in models for w in options.widths}
-    sae_rows = cached(out / "cells" / "sae_metrics.json", key,
+    sae_rows = store.cached_cell(out / "cells" / "sae_metrics.json", key,
                       lambda: sae_metrics(models, acts, saes, layers, data, options, progress))
-    mmcs_rows = cached(out / "cells" / "mmcs.json", key, lambda: dictionary_similarity(saes, layers, options))
+    mmcs_rows = store.cached_cell(out / "cells" / "mmcs.json", key, lambda: dictionary_similarity(saes, layers, options))
     if options.task == "sentiment":
-        probes, validation = cached(out / "cells" / "probes.json", key,
+        probes, validation = store.cached_cell(out / "cells" / "probes.json", key,
                                     lambda: sentiment_probes(models, acts, saes, layers, data, options))
     else:
-        probes, validation = cached(out / "cells" / "probes.json", key,
+        probes, validation = store.cached_cell(out / "cells" / "probes.json", key,
                                     lambda: preference_probes(acts, saes, layers, data, options)), None
     results = dict(task=options.task, model=base.name, options=dataclasses.asdict(options), feedback=feedback_result,
                    layer_changes=changes.tolist(), layers=layers, sae=sae_rows, mmcs=mmcs_rows, probes=probes,
                    validation=validation, minutes=(time.perf_counter() - started) / 60)
     path = write_report(out, results)
-    _say(progress, f"lfp: done in {(time.perf_counter() - started) / 60:.1f} min; report: {path}")
+    say(progress, f"lfp: done in {(time.perf_counter() - started) / 60:.1f} min; report: {path}")
     return path
 
 
@@ -222,7 +226,7 @@ def tune(base: Model, data: dict, options: LfpOptions, out: pathlib.Path, progre
     run_id = store.text_hash((out / "tune" / RUN_MARKER).read_text())[:16]
     key = dict(format=CELL_FORMAT, run=run_id, heldout=options.n_heldout, samples=options.eval_samples,
                seed=options.seed)
-    result = cached(out / "cells" / "feedback.json", key, lambda: feedback_change(base, run.model, data, options))
+    result = store.cached_cell(out / "cells" / "feedback.json", key, lambda: feedback_change(base, run.model, data, options))
     result["train_log"] = [m for m in run.metrics if m.get("kind") == "train"]
     return run.model, result
 
@@ -256,11 +260,13 @@ def stacked(acts, layers: list[int]) -> np.ndarray:
 def train_layer_saes(acts, layers: list[int], width: int, options: LfpOptions, out: pathlib.Path, name: str,
                      progress: bool) -> sae.SAERun:
     x = stacked(acts, layers)
-    config = sae.SAEConfig(d_in=x.shape[2], width=width * x.shape[2], architecture="relu", l1_coef=options.l1_coef)
+    config = sae.SAEConfig(d_in=x.shape[2], width=width * x.shape[2], architecture=options.sae_architecture,
+                           l1_coef=options.l1_coef, k=options.sae_k)
     train = sae.sae_train_config(options.sae_steps, batch_size=min(options.sae_batch, x.shape[1]),
                                  learning_rate=options.sae_learning_rate, seed=options.seed)
-    _say(progress, f"lfp: SAEs {name} {width}x on {x.shape[1]} tokens x {len(layers)} layers")
-    return sae.train_saes(x, config, train, out / "sae" / f"{name}_{width}x", seeds=(options.seed,),
+    say(progress, f"lfp: SAEs {name} {width}x on {x.shape[1]} tokens x {len(layers)} layers")
+    run_dir = out / "sae" / f"{name}_{width}x_{options.sae_architecture}"
+    return sae.train_saes(x, config, train, run_dir, seeds=(options.seed,),
                           progress=progress, name=f"{name} {width}x")
 
 
@@ -276,9 +282,16 @@ def sae_metrics(models: dict, acts: dict, saes: dict, layers: list[int], data: d
             m = sae.reconstruction_metrics(params, run.config, x[j])
             m.update(sae.spliced_losses(model, ex, params, run.config, layer, SITE))
             rows.append(dict(model=name, width=width, layer=layer, **m))
-            _say(progress, f"lfp: SAE {name} {width}x layer {layer}: explained variance "
+            say(progress, f"lfp: SAE {name} {width}x layer {layer}: explained variance "
                            f"{m['explained_variance']:.3f}, L0 {m['l0']:.1f}, CE score {m['ce_loss_score']:.3f}")
     return rows
+
+
+def _sae_title(options: dict) -> str:
+    arch = options.get("sae_architecture", "relu")
+    if arch == "relu":
+        return f"Tied ReLU + L1 (the paper's; l1 {options['l1_coef']:g})"
+    return f"{arch} (k {options['sae_k']})" if arch in ("topk", "batchtopk") else arch
 
 
 def _text_examples(model: Model, texts: list[str]) -> T.Examples:
@@ -408,15 +421,6 @@ def preference_probes(acts: dict, saes: dict, layers: list[int], data: dict, opt
 # ---------------------------------------------------------------------------------------------
 # cells and report
 
-def cached(path: pathlib.Path, key: dict, compute):
-    found = store.read_cell(path, key)
-    if found is not None:
-        return found
-    result = compute()
-    store.write_cell(path, key, result)
-    return json.loads(json.dumps(result))
-
-
 def write_report(out: pathlib.Path, results: dict) -> pathlib.Path:
     """results.json, sae.csv, probes.csv, plots/*.png, report.md and report.html."""
     fb, options = results["feedback"], results["options"]
@@ -452,8 +456,9 @@ def write_report(out: pathlib.Path, results: dict) -> pathlib.Path:
                    f"{results['layers']}."),
              ("img", _plot_changes(results["layer_changes"], results["layers"], out / "plots" / "layers.png")),
              ("h2", "3. Sparse autoencoders on mlp_out"),
-             ("p", "Tied ReLU + L1 SAEs (the paper's), one per layer, model and width. CE score: (CE zero-ablated "
-                   "- CE spliced) / (CE zero-ablated - CE clean) with the reconstruction spliced into the model."),
+             ("p", f"{_sae_title(results['options'])} SAEs, one per layer, model and width. CE score: (CE "
+                   "zero-ablated - CE spliced) / (CE zero-ablated - CE clean) with the reconstruction spliced "
+                   "into the model."),
              ("table", ["model", "width", "layer", "explained var.", "MSE", "L0", "dead", "dense", "shrinkage",
                         "CE score", "KL"],
               [[r["model"], f"{r['width']}x", r["layer"], f"{r['explained_variance']:.3f}", f"{r['mse']:.4g}",
@@ -549,11 +554,6 @@ def _plot_probes(rows: list[dict], field: str, path: pathlib.Path) -> str:
     ax.set(ylabel="Kendall tau" if field == "tau" else "held-out accuracy", title="probes")
     save_figure(fig, path)
     return f"plots/{path.name}"
-
-
-def _say(progress: bool, text: str) -> None:
-    if progress:
-        print(text, flush=True)
 
 
 def main(argv=None) -> None:

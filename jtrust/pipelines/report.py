@@ -359,3 +359,9 @@ def html_page(page, title: str = "jtrust") -> str:
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def say(progress: bool, text: str) -> None:
+    """A pipeline's progress line (flushed, so a log shows it as it happens)."""
+    if progress:
+        print(text, flush=True)

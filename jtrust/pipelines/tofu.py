@@ -29,7 +29,8 @@ import jtrust
 from jtrust import training as T
 from jtrust.core import store
 from jtrust.data import tofu
-from jtrust.pipelines.evaluate import EvaluateOptions, evaluate, rouge_l_recall, write
+from jtrust.analysis.rouge import rouge_l_recall
+from jtrust.pipelines.evaluate import EvaluateOptions, evaluate, write
 from jtrust.runtime.generate import generate
 from jtrust.models.model import Model
 from jtrust.pipelines.report import save_figure

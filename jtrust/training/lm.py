@@ -98,6 +98,19 @@ def take(examples: Examples, rows: np.ndarray) -> Examples:
     return Examples(*(a[rows] for a in examples))
 
 
+def group_rows(parts: Sequence[Examples]) -> Examples:
+    """G Examples of the same [N, T] -> grouped rows [N, G * T] (member g in columns g*T:(g+1)*T),
+    so the members of a group (a preference pair, an anchor's paraphrases) stay in one row
+    through shuffling and micro-batching."""
+    return Examples(*(np.concatenate(arrays, axis=1) for arrays in zip(*parts)))
+
+
+def ungroup(batch: Examples, groups: int) -> Examples:
+    """Grouped rows [B, G * T] -> sequence rows [G * B, T]: every row's member 0, then member 1, ..."""
+    T = batch.tokens.shape[1] // groups
+    return Examples(*(jnp.concatenate([a[:, g * T:(g + 1) * T] for g in range(groups)]) for a in batch))
+
+
 # ---------------------------------------------------------------------------------------------
 # losses
 

@@ -302,7 +302,8 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
                 elapsed = time.perf_counter() - window_start
                 record = {"step": done, "kind": "train", "loss": loss,
                           **{k: float(v) for k, v in out_metrics.items() if k != "loss"},
-                          "learning_rate": float(schedule(config)(done - 1))}
+                          "learning_rate": float(schedule(config)(done - 1)),
+                          "seconds": elapsed}  # the window's wall time, saves included: summed, the run's
                 if items_per_step:
                     record[f"{items_per_step[0]}_per_s"] = window_items / max(elapsed, 1e-9)
                 metrics.append(record)

@@ -29,14 +29,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
 from jtrust.core.errors import InputError
+from jtrust.core.stats import clopper_pearson
 from jtrust.data.preferences import HUMAN, PreferencePair
 from jtrust.models.config import ModelConfig
 from jtrust.models.model import Model
 from jtrust.models.tokenizer import Tokenizer
-from jtrust.training.lm import Examples, Objective, take, token_examples, token_log_probs
+from jtrust.training.lm import Examples, Objective, group_rows, take, token_examples, token_log_probs, ungroup
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -69,8 +69,7 @@ def pair_examples(tokenizer: Tokenizer, pairs: Sequence[PreferencePair | tuple[s
         p = fit_prompt(tokenizer, prompt, seq_len + 1 - max(len(c), len(r)))
         chosen.append((p, c))
         rejected.append((p, r))
-    rows = [token_examples(*zip(*seqs), seq_len, tokenizer.pad_id) for seqs in (chosen, rejected)]
-    return Examples(*(np.concatenate(parts, axis=1) for parts in zip(*rows)))
+    return group_rows([token_examples(*zip(*seqs), seq_len, tokenizer.pad_id) for seqs in (chosen, rejected)])
 
 
 def fit_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> list[int]:
@@ -87,12 +86,6 @@ def fit_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> list[int]:
     return bos + ids[len(ids) - (budget - len(bos)):]  # ids: the last turn's, or the whole prompt's
 
 
-def unpair(batch: Examples) -> Examples:
-    """Pair rows [B, 2T] -> sequence rows [2B, T]: the B chosen rows, then the B rejected rows."""
-    T = batch.tokens.shape[1] // 2
-    return Examples(*(jnp.concatenate([a[:, :T], a[:, T:]]) for a in batch))
-
-
 # ---------------------------------------------------------------------------------------------
 # the objective
 
@@ -100,7 +93,7 @@ def pair_log_probs(params: Any, batch: Examples, *, config: ModelConfig, dtype=j
                    ) -> tuple[jax.Array, jax.Array]:
     """(log p(chosen reply | prompt) [B], log p(rejected reply | prompt) [B]) of pair rows
     [B, 2T]: next-token log-probabilities summed over the weighted (reply) tokens, float32."""
-    rows = unpair(batch)
+    rows = ungroup(batch, 2)  # the B chosen rows, then the B rejected rows
     _, nll = token_log_probs(params, rows, config=config, dtype=dtype)
     logp = -jnp.sum(nll * rows.weights.astype(jnp.float32), axis=1)
     B = batch.tokens.shape[0]
@@ -167,15 +160,6 @@ def score_pairs(params: Any, examples: Examples, *, config: ModelConfig, batch_s
     return np.concatenate(out).astype(np.float64)
 
 
-def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial interval for k successes in n trials (as in
-    jtrust.analysis.bounds, which the training layer may not import)."""
-    a = (1 - confidence) / 2
-    low = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
-    high = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
-    return low, high
-
-
 def preference_metrics(policy: np.ndarray, reference: np.ndarray, beta: float = 0.1,
                        name: str = "pref", confidence: float = 0.95) -> dict[str, float]:
     """Held-out preference figures from [N, 2] (chosen, rejected) log-probabilities of the
@@ -193,7 +177,7 @@ def preference_metrics(policy: np.ndarray, reference: np.ndarray, beta: float = 
     for key, wins in (("accuracy", chosen > rejected), ("logp_accuracy", policy[:, 0] > policy[:, 1]),
                       ("reference_logp_accuracy", reference[:, 0] > reference[:, 1])):
         k = int(np.sum(wins))
-        low, high = clopper_pearson(k, n, confidence)
+        low, high = (float(b) for b in clopper_pearson(k, n, confidence))
         out.update({f"{name}_{key}": k / n, f"{name}_{key}_low": low, f"{name}_{key}_high": high})
     return out
 

@@ -9,6 +9,7 @@ import pytest
 from scipy import optimize, stats
 
 from jtrust.analysis import bounds as B
+from jtrust.core.stats import clopper_pearson
 
 
 def test_reference_figures():
@@ -20,9 +21,11 @@ def test_reference_figures():
 
 def test_clopper_pearson_against_scipy_binomtest():
     for k, n in [(0, 10), (3, 10), (10, 10), (57, 128), (1, 500)]:
-        low, high = B.clopper_pearson(k, n, 0.95)
+        low, high = clopper_pearson(k, n, 0.95)
         ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
         assert (low, high) == pytest.approx((ci.low, ci.high), abs=1e-10)
+        if k in (0, n):  # the closed forms at the ends
+            assert (low, high) == pytest.approx((0.0, 1 - 0.025 ** (1 / n)) if k == 0 else (0.025 ** (1 / n), 1.0))
         upper = B.leak_upper(k, n, 0.01)
         assert upper == pytest.approx(stats.binomtest(k, n, alternative="less").proportion_ci(0.99).high
                                       if k < n else 1.0, abs=1e-10)

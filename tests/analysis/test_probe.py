@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 
 import jtrust
 from jtrust.data import load_texts
-from jtrust.analysis.bounds import clopper_pearson
+from jtrust.core.stats import clopper_pearson
 from jtrust.analysis.probe import fit_logistic, probe_layers, split_indices
 
 

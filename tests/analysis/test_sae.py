@@ -7,7 +7,6 @@ metrics against sklearn / numpy, the CE-loss score at its two ends, SAELens read
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -15,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_llama
 from jtrust.analysis import sae
 from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig
-from jtrust.models.decoder import init_params
 from jtrust.models.model import Model
 from jtrust.training.lm import Examples
 
@@ -246,17 +245,7 @@ def tiny_model() -> Model:
     config = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=4, d_ff=32, norm="rms", norm_eps=1e-5, position="rope", rotary_dim=4,
                          max_positions=32)
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):  # normal weights in init_params' layout (its Linen init compiles for seconds)
-        name = path[-1].key
-        if name == "scale":
-            return np.ones(leaf.shape, np.float32)
-        std = 1.0 if name == "embedding" else leaf.shape[-2] ** -0.5
-        return (std * rng.normal(size=leaf.shape)).astype(np.float32)
-
-    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-    return Model(config, jax.tree_util.tree_map_with_path(draw, shapes), None, name="tiny", checkpoint_hash="tiny")
+    return random_llama(config)
 
 
 def test_ce_loss_score_is_one_for_an_identity_sae_and_zero_for_a_zero_map():

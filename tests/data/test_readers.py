@@ -239,8 +239,8 @@ def test_csv_field_longer_than_the_csv_default_limit(tmp_path):
 
 
 def test_csv_field_beyond_the_raised_limit(tmp_path, monkeypatch):
-    import jtrust.data as data
-    monkeypatch.setattr(data, "CSV_FIELD_LIMIT", 1000)
+    import jtrust.data.files as files
+    monkeypatch.setattr(files, "CSV_FIELD_LIMIT", 1000)
     limit = csv.field_size_limit(1000)  # as if the process-wide limit had never been raised
     try:
         path = tmp_path / "huge.csv"

@@ -15,7 +15,8 @@ from helpers import make_tiny_hf_dir
 from jtrust.analysis import bounds
 from jtrust.cli import main as cli
 from jtrust.data import read_prompts
-from jtrust.pipelines.evaluate import EvaluateOptions, evaluate, exact_match, rouge_l_recall
+from jtrust.analysis.rouge import exact_match, rouge_l_f1, rouge_l_recall
+from jtrust.pipelines.evaluate import EvaluateOptions, evaluate
 from jtrust.runtime.generate import Sampling
 from jtrust.io.loading import load
 
@@ -34,6 +35,8 @@ def test_rouge_l_recall_matches_rouge_score():
     for prediction, reference in TOFU_LIKE:
         expected = oracle.score(reference, prediction)["rougeL"].recall
         assert rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-12)
+        f1 = oracle.score(reference, prediction)["rougeL"].fmeasure
+        assert rouge_l_f1(prediction, reference) == pytest.approx(f1, abs=1e-12)
     assert exact_match("Paris.", "paris") == 1.0 and exact_match("Paris is", "Paris") == 0.0
 
 

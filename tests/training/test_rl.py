@@ -5,7 +5,6 @@ of one token) rises under a few LoRA iterations, and a stopped run resumed equal
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
@@ -14,14 +13,11 @@ import tokenizers
 import torch
 
 import jtrust
-from helpers import make_tiny_hf_dir, random_tokens
+from helpers import assert_grads_match_torch, make_tiny_hf_dir, random_llama, random_tokens
 from jtrust import training as T
 from jtrust.core.errors import InputError
-from jtrust.io.convert import hf_to_params
 from jtrust.models.config import ModelConfig
-from jtrust.models.decoder import init_params
 from jtrust.models.lora import LoraConfig
-from jtrust.models.model import Model
 from jtrust.models.tokenizer import Tokenizer
 from jtrust.runtime.generate import Sampling, generate
 from jtrust.training import rl as R
@@ -47,17 +43,7 @@ def bandit():
     config = ModelConfig(family="llama", vocab_size=len(WORDS), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=8, d_ff=64, norm="rms", norm_eps=1e-5, position="rope", rotary_dim=8,
                          max_positions=64)
-    # normal weights in init_params' layout (its Linen init compiles for seconds)
-    rng = np.random.default_rng(0)
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "scale":
-            return np.ones(leaf.shape, np.float32)
-        std = 1.0 if name == "embedding" else leaf.shape[-2] ** -0.5
-        return (std * rng.normal(size=leaf.shape)).astype(np.float32)
-    shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-    return Model(config, jax.tree_util.tree_map_with_path(draw, shapes), tok, name="bandit",
-                 checkpoint_hash="bandit-0")
+    return random_llama(config, tok, name="bandit")
 
 
 def count_a(texts):
@@ -133,10 +119,7 @@ def test_policy_gradient_loss_and_gradient_match_pytorch(tiny):
     expected.backward()
     assert float(loss) == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(logp, sums.detach().numpy(), rtol=1e-5, atol=1e-4)
-    want = hf_to_params({k: v.grad.numpy() for k, v in torch_model.named_parameters()}, model.config)
-    torch_model.zero_grad()
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=2e-5 * np.abs(b).max()),
-                 grads, want)
+    assert_grads_match_torch(grads, torch_model, model.config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
