@@ -37,7 +37,9 @@ case "${1:-}" in
   demo) install_jtrust; jtrust demo ;;
   pretrain) install_jtrust; python experiments/pretrain.py --config experiments/configs/pretrain_tiny.json ;;
   tofu) install_jtrust; python experiments/tofu_unlearning.py --config experiments/configs/tofu_smollm2.json ;;
-  test) install_jtrust; install_oracles; lint-imports && python -m pytest -q -n auto tests ;;
+  # `pytest`, not `python -m pytest`: the latter puts this folder on sys.path, where kernels/ would
+  # hide Hugging Face's `kernels` package that transformers imports (sae_lens then fails to import)
+  test) install_jtrust; install_oracles; lint-imports && pytest -q -n auto tests ;;
   "") install_jtrust ;;
   *) echo "usage: bash setup.sh [trace|demo|pretrain|tofu|test]" >&2; exit 2 ;;
 esac

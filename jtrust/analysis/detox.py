@@ -154,14 +154,15 @@ def _differs(text: str, anchor: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # utility
 
-def choice_logprobs(model: Model, task: MultipleChoice, interventions: Sequence[Intervention] = (),
-                    ) -> np.ndarray:
-    """[n_choices] float64: log p(" " + choice | "Q: question\\nA:") summed over the choice's tokens."""
-    prompt = f"Q: {task.question}\nA:"
-    n_prompt = len(model.tokenizer.encode(prompt))
-    seqs = [model.tokenizer.encode(prompt + " " + c) for c in task.choices]
-    lps = sequence_logprobs(model, seqs, interventions=interventions)
-    return np.array([float(lp[n_prompt - 1:].sum()) for lp in lps])
+def choice_logprobs(model: Model, tasks: Sequence[MultipleChoice], interventions: Sequence[Intervention] = (),
+                    batch_size: int = 16) -> list[np.ndarray]:
+    """Per task, [n_choices] float64: log p(" " + choice | "Q: question\nA:") summed over the
+    choice's tokens; every task's choices go through fixed-size batches together."""
+    prompts = [f"Q: {t.question}\nA:" for t in tasks]
+    n_prompt = [len(model.tokenizer.encode(p)) for p in prompts]
+    seqs = [model.tokenizer.encode(p + " " + c) for p, t in zip(prompts, tasks) for c in t.choices]
+    lps = iter(sequence_logprobs(model, seqs, interventions=interventions, batch_size=batch_size))
+    return [np.array([float(next(lps)[n - 1:].sum()) for _ in t.choices]) for n, t in zip(n_prompt, tasks)]
 
 
 def multiple_choice_accuracy(model: Model, tasks: Sequence[MultipleChoice],
@@ -169,6 +170,7 @@ def multiple_choice_accuracy(model: Model, tasks: Sequence[MultipleChoice],
     """Accuracy (the most likely choice is the correct one) with a 95% Clopper-Pearson interval."""
     if not tasks:
         raise InputError("no multiple-choice questions to score")
-    correct = sum(int(np.argmax(choice_logprobs(model, t, interventions)) == t.answer) for t in tasks)
+    scores = choice_logprobs(model, tasks, interventions)
+    correct = sum(int(np.argmax(s) == t.answer) for s, t in zip(scores, tasks))
     low, high = clopper_pearson(correct, len(tasks))
     return {"accuracy": correct / len(tasks), "low": float(low), "high": float(high), "n": len(tasks)}

@@ -95,12 +95,8 @@ def perplexity(model: Model, texts: Sequence[str], steer: Steer | None = None, m
     if not ids:
         raise InputError("perplexity needs texts of at least two tokens")
     edit = intervention(model, steer, position="all")
-    total, count = 0.0, 0
-    for start in range(0, len(ids), batch_size):
-        for lp in sequence_logprobs(model, ids[start:start + batch_size], interventions=edit):
-            total -= float(lp.sum())
-            count += lp.size
-    return math.exp(total / count)
+    lps = sequence_logprobs(model, ids, interventions=edit, batch_size=batch_size)
+    return math.exp(-sum(float(lp.sum()) for lp in lps) / sum(lp.size for lp in lps))
 
 
 def heldout_texts(n: int = 64) -> list[str]:

@@ -87,7 +87,7 @@ def _per_text(fn: Callable[[str, str], float]) -> BatchScorer:
     return score
 
 
-def toxicity_scorer(scorer_model: Model, batch_size: int = 64) -> BatchScorer:
+def toxicity_scorer(scorer_model: Model, batch_size: int = 32) -> BatchScorer:
     """p(toxic) of each answer by the shipped toxicity probe, which reads `scorer_model` (the
     model it was trained on: the embedded one, `jtrust.load("smollm2")`)."""
     from jtrust.analysis.scorers import check_scorer_model, load_scorer, score_texts

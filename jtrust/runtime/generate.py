@@ -143,13 +143,24 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
 
 
 def sequence_logprobs(model: Model, sequences: Sequence[str] | Sequence[Sequence[int]], *,
-                      interventions: Sequence[Intervention] = ()) -> list[np.ndarray]:
-    """log p(token i | tokens < i) for i >= 1 of each sequence: a list of [len - 1] float32 arrays."""
+                      interventions: Sequence[Intervention] = (), batch_size: int | None = None
+                      ) -> list[np.ndarray]:
+    """log p(token i | tokens < i) for i >= 1 of each sequence: a list of [len - 1] float32 arrays.
+
+    batch_size: forward the sequences in batches of exactly this many rows (the last one padded
+    with copies), so questions of any number fill one compiled shape per length bucket; None:
+    one batch of them all."""
     ids = encode_prompts(model.tokenizer, sequences, chat=False)
-    tokens, mask = pad(ids, model.tokenizer.pad_id, _bucket(max(len(s) for s in ids)), side="right")
-    logits = model.apply(tokens, mask, interventions=tuple(interventions)).logits
-    logprobs = np.asarray(_next_token_logprobs(logits, jnp.asarray(tokens)))
-    return [logprobs[b, :len(s) - 1] for b, s in enumerate(ids)]
+    size = batch_size or len(ids)
+    out = []
+    for start in range(0, len(ids), size):
+        chunk = ids[start:start + size]
+        rows = chunk + [chunk[0]] * (size - len(chunk))
+        tokens, mask = pad(rows, model.tokenizer.pad_id, _bucket(max(len(s) for s in rows)), side="right")
+        logits = model.apply(tokens, mask, interventions=tuple(interventions)).logits
+        logprobs = np.asarray(_next_token_logprobs(logits, jnp.asarray(tokens)))
+        out += [logprobs[b, :len(s) - 1] for b, s in enumerate(chunk)]
+    return out
 
 
 @jax.jit

@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jtrust.core.errors import InputError
 from jtrust.models.config import ModelConfig

@@ -29,8 +29,8 @@ def test_choice_logprobs_and_accuracy_match_transformers(tiny):
              MultipleChoice("what is large", ["language models", "but verify"], 1),
              MultipleChoice("verify", ["the dog", "quick brown fox jumps", "models", "over"], 2)]
     picked = []
-    for task in tasks:
-        got = detox.choice_logprobs(model, task)
+    # batches of 4 rows: the 9 choices cross batch edges and the last batch is padded
+    for task, got in zip(tasks, detox.choice_logprobs(model, tasks, batch_size=4)):
         prompt = backend.encode(f"Q: {task.question}\nA:").ids
         want = []
         with torch.no_grad():

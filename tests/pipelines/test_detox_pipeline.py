@@ -1,16 +1,19 @@
-"""`jtrust detox` end to end at a tiny budget on the embedded model: every method evaluated the
-same way, evaluation prompts apart from the training data, intervals against scipy, a rerun that
-recomputes nothing; and the bad inputs the pipeline must name."""
+"""`jtrust detox` end to end at a tiny budget: every method evaluated the same way, evaluation
+prompts apart from the training data, intervals against scipy, a rerun that recomputes nothing;
+and the bad inputs the pipeline must name. By default the tuned model is a tiny random Llama with
+SmolLM2's tokenizer (the embedded model stays the toxicity scorer's reader); the same run on
+SmolLM2 itself is marked slow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from scipy import stats
 
 import jtrust
-from helpers import make_tiny_hf_dir
+from helpers import make_tiny_hf_dir, random_llama
 from jtrust.core.errors import InputError
 from jtrust.pipelines.detox import DetoxOptions, run_detox
 
@@ -24,9 +27,28 @@ def smollm2():
     return jtrust.load("smollm2")
 
 
-def test_small_run_evaluates_every_method_alike_and_resumes(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def tiny(smollm2):
+    """A 2-block random Llama that reads and writes SmolLM2's tokens (and its chat template); an
+    untied unembedding keeps its logits near 1 in scale, so it samples varied (nonsense) text."""
+    config = dataclasses.replace(smollm2.config, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                 d_ff=64, rotary_dim=8, max_positions=256, tie_embeddings=False)
+    return random_llama(config, smollm2.tokenizer, name="tiny-smollm2-tokens")
+
+
+def test_small_run_evaluates_every_method_alike_and_resumes(tiny, smollm2, tmp_path):
+    # a larger pool of statements: nonsense paraphrases are never toxic, so negatives all come from it
+    check_small_run(tiny, smollm2, dataclasses.replace(TINY, steer_layer=1, pool=200), tmp_path)
+
+
+@pytest.mark.slow
+def test_small_run_on_the_embedded_model(smollm2, tmp_path):
+    check_small_run(smollm2, smollm2, TINY, tmp_path)
+
+
+def check_small_run(model, scorer_model, options, tmp_path):
     out = tmp_path / "detox"
-    report = run_detox(smollm2, out, TINY, progress=False)
+    report = run_detox(model, out, options, scorer_model=scorer_model, progress=False)
     results = json.loads((out / "results.json").read_text())
     res = results["results"]
     assert list(res) == ["base", "cp_code", "dpo", "steer"]
@@ -44,20 +66,20 @@ def test_small_run_evaluates_every_method_alike_and_resumes(smollm2, tmp_path):
     assert res["steer"]["perplexity"] != res["base"]["perplexity"]  # the vector is applied
     assert "toxic ratio" in report.read_text()
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
-    run_detox(smollm2, out, TINY, progress=False)  # a rerun: every cell and run reused
+    run_detox(model, out, options, scorer_model=scorer_model, progress=False)  # a rerun: every cell and run reused
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == cells
     assert json.loads((out / "results.json").read_text())["results"]["dpo"]["toxic_ratio"] == res["dpo"]["toxic_ratio"]
 
 
-def test_bad_inputs_are_named(smollm2, tmp_path):
-    make_tiny_hf_dir(tmp_path / "tiny", "llama")
-    tiny = jtrust.load(tmp_path / "tiny")
+def test_bad_inputs_are_named(tiny, smollm2, tmp_path):
+    make_tiny_hf_dir(tmp_path / "other", "llama")
+    other = jtrust.load(tmp_path / "other")  # its own tokenizer
     with pytest.raises(InputError, match="tokenize differently"):
-        run_detox(smollm2, tmp_path / "a", TINY, reference=tiny, progress=False)
+        run_detox(smollm2, tmp_path / "a", TINY, reference=other, progress=False)
     with pytest.raises(InputError, match="scorer_model=jtrust.load"):
         run_detox(tiny, tmp_path / "b", TINY, progress=False)
     with pytest.raises(InputError, match="no anchor has 5 non-toxic paraphrases"):
-        run_detox(smollm2, tmp_path / "c", DetoxOptions(**{**TINY.__dict__, "anchors": 2, "k": 1, "n_pos": 5}),
+        run_detox(tiny, tmp_path / "c", dataclasses.replace(TINY, anchors=2, k=1, n_pos=5), scorer_model=smollm2,
                   progress=False)
     with pytest.raises(InputError, match="unknown methods"):
         DetoxOptions(methods=("cp",))

@@ -243,7 +243,9 @@ def test_sequence_logprobs_match_torch(tiny_checkpoints, llama):
     hf = tiny_checkpoints["llama"][1]
     seqs = prompts((7, 3, 12))
     got = sequence_logprobs(llama, seqs)
-    for s, lp in zip(seqs, got):
+    batched = sequence_logprobs(llama, seqs, batch_size=2)  # [2, 2] rows: the last padded with a copy
+    for s, lp, lp2 in zip(seqs, got, batched):
+        np.testing.assert_allclose(lp2, lp, atol=1e-5)
         with torch.no_grad():
             logits = hf(torch.tensor([s])).logits[0].double()
         ref = torch.log_softmax(logits, -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])].numpy()
