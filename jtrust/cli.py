@@ -1,4 +1,5 @@
-"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp, detox."""
+"""The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp, detox,
+sweep."""
 
 from __future__ import annotations
 
@@ -223,6 +224,19 @@ def cmd_detox(args) -> None:
     print(f"detox finished in {time.perf_counter() - t:.0f} s; report: {report}")
 
 
+def cmd_sweep(args) -> None:
+    from jtrust.pipelines import sweep
+    config = sweep.read_config(args.config)
+    if args.out is not None:
+        config["out"] = args.out
+    if not args.merge:
+        t = time.perf_counter()
+        ran = sweep.run_worker(config, args.worker, args.workers)
+        print(f"sweep worker {args.worker}/{args.workers}: {len(ran)} cells run in {time.perf_counter() - t:.0f} s")
+    if args.merge or args.workers == 1:  # with several workers, merge once after all have finished
+        print(f"sweep report: {sweep.merge(config)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the traceback of a bad-input error"
     p = argparse.ArgumentParser(prog="jtrust", description=__doc__)
@@ -313,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the embedded model it was trained on; reused when it is --model)")
     add_flags(s, DetoxOptions)
     s.set_defaults(fn=cmd_detox)
+
+    s = command("sweep", help="a config's grid of analyses, split over workers that share a directory")
+    s.add_argument("--config", required=True, help="a JSON sweep config (see experiments/configs/sweep_*.json)")
+    s.add_argument("--out", default=None, help="overrides the config's output directory")
+    s.add_argument("--worker", type=int, default=0, help="this worker's index in [0, workers)")
+    s.add_argument("--workers", type=int, default=1, help="how many workers share the sweep")
+    s.add_argument("--merge", action="store_true", help="only write the combined report (all cells done)")
+    s.set_defaults(fn=cmd_sweep)
     return p
 
 

@@ -125,4 +125,8 @@ def from_config(cls, values: dict):
     unknown = sorted(set(values) - names)
     if unknown:
         raise InputError(f"unknown options {unknown} in the config; known: {sorted(names)}")
+    for f in dataclasses.fields(cls):  # the CLI checks choices in argparse; a config, here
+        choices = f.metadata.get("choices")
+        if f.name in values and choices is not None and values[f.name] not in choices:
+            raise InputError(f"option {f.name!r} in the config: {values[f.name]!r} is not one of {list(choices)}")
     return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in values.items()})
