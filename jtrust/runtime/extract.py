@@ -66,7 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtrust.core import store
 from jtrust.core.errors import InputError
-from jtrust.runtime import distributed
+from jtrust.runtime import distributed, sharding
 from jtrust.models.model import Model, forward_jit
 from jtrust.models.decoder import Capture
 from jtrust.models.sites import width as site_width
@@ -175,7 +175,8 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
     out_dir: stream chunks there and resume an interrupted run; None = keep all in memory.
       With several processes only process 0 writes and returns; the others return None.
     wait: seconds to wait for another process writing out_dir to finish (then InputError).
-    mesh: a Mesh with a 'data' axis; each batch's rows are sharded over it, params replicated.
+    mesh: a Mesh with a 'data' axis; each batch's rows are sharded over it; params are replicated,
+      or split by `jtrust.runtime.sharding`'s rules over 'fsdp' / 'model' axes when it has them.
       It may span the devices of several processes (`jtrust.distributed.data_mesh()`).
     dtype: storage dtype, float32 or float16 (the forward computes in float32).
     """
@@ -384,8 +385,7 @@ def _placement(params, mesh: Mesh | None, batch_size: int):
     if "data" not in mesh.axis_names:
         raise InputError(f"the mesh needs a 'data' axis to shard rows over; it has {mesh.axis_names}")
     n = mesh.shape["data"]
-    return (distributed.replicate(params, mesh), NamedSharding(mesh, PartitionSpec("data")),
-            -(-batch_size // n) * n)
+    return sharding.place_params(params, mesh), NamedSharding(mesh, PartitionSpec("data")), -(-batch_size // n) * n
 
 
 def _tokenize(model: Model, texts: list[str], max_length: int | None):

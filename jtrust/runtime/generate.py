@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtrust.core.errors import InputError
 from jtrust.core.options import check, option
-from jtrust.runtime import distributed
+from jtrust.runtime import distributed, sharding
 from jtrust.models.model import Model
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import KVCache, forward, init_cache
@@ -88,7 +88,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
     interventions: applied in the prefill (position "last" = the last prompt
       token) and in every decode step (the new token).
     mesh: a `Mesh` with a 'data' axis: the batch of rows is sharded across it
-      (parameters replicated); the batch is padded to a multiple of its size. It may
+      (parameters replicated, or split over its fsdp / model axes by `jtrust.runtime.sharding`);
+      the batch is padded to a multiple of its size. It may
       span the devices of several processes (`jtrust.distributed.data_mesh()`).
     pad_prompts_to: pad prompts to at least this many tokens, so calls with different prompts
       share one compiled program.
@@ -122,7 +123,7 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
         cache = init_cache(model.config, n_prompts, cache_length)
     else:
-        params = distributed.replicate(model.params, mesh)
+        params = sharding.place_params(model.params, mesh)
         rows = PartitionSpec("data") if n_prompts % n_devices == 0 else PartitionSpec()
         tokens, mask = distributed.put((tokens, mask), NamedSharding(mesh, rows))
         cache = _sharded_cache(model.config, n_prompts, cache_length, mesh, rows)

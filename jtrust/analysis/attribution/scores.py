@@ -38,7 +38,7 @@ from jtrust.kernels.ghost import ghost_dot_auto
 from jtrust.models import sites
 from jtrust.models.config import ModelConfig
 from jtrust.models.model import Model, Series
-from jtrust.runtime import distributed
+from jtrust.runtime import sharding
 from jtrust.training.lm import Examples
 
 CACHE_MARKER = "jtrust_attribution.json"
@@ -227,7 +227,7 @@ class _Scorer:
             raise InputError(f"{options.method} works per linear layer: give Task(modules=Modules(...))")
         if task.modules is not None:
             task.modules.check(model.config)
-        self.params = model.params if mesh is None else distributed.replicate(model.params, mesh)
+        self.params = model.params if mesh is None else sharding.place_params(model.params, mesh)
         if mesh is not None and options.chunk % mesh.shape["data"]:
             raise InputError(f"chunk={options.chunk} must be a multiple of the mesh's data axis "
                              f"({mesh.shape['data']})")
