@@ -22,6 +22,7 @@ done cells, and refuses while any cell is missing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -33,41 +34,32 @@ from typing import Callable
 from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.core.options import from_config
+from jtrust.pipelines.attribute import AttributeOptions, attribute
+from jtrust.pipelines.detox import DetoxOptions, run_detox
+from jtrust.pipelines.lfp import LfpOptions, run_lfp
 from jtrust.pipelines.report import markdown, read_cells, say
+from jtrust.pipelines.trace import TraceOptions, trace
 
 
 def _trace(model, dims, out, options, progress):
-    from jtrust.pipelines.trace import trace
     trace(model, dims, out, options, progress=progress)
     rows, steering = read_cells(out)
     return dict(rows=rows, steering=steering)
 
 
-def _attribute(model, dims, out, options, progress):
-    from jtrust.pipelines.attribute import attribute
-    return json.loads((attribute(model, out, options).parent / "results.json").read_text())
-
-
-def _lfp(model, dims, out, options, progress):
-    from jtrust.pipelines.lfp import run_lfp
-    return json.loads((run_lfp(model, out, options).parent / "results.json").read_text())
-
-
-def _detox(model, dims, out, options, progress):
-    from jtrust.pipelines.detox import run_detox
-    return json.loads((run_detox(model, out, options).parent / "results.json").read_text())
-
-
-def _options_classes() -> dict[str, type]:
-    from jtrust.pipelines.attribute import AttributeOptions
-    from jtrust.pipelines.detox import DetoxOptions
-    from jtrust.pipelines.lfp import LfpOptions
-    from jtrust.pipelines.trace import TraceOptions
-    return dict(trace=TraceOptions, attribute=AttributeOptions, lfp=LfpOptions, detox=DetoxOptions)
+def _report_results(run: Callable) -> Callable:
+    """The runner of a pipeline `run(model, out, options, progress=) -> report path` whose
+    results.json lies beside its report."""
+    def runner(model, dims, out, options, progress):
+        return json.loads((run(model, out, options, progress=progress).parent / "results.json").read_text())
+    return runner
 
 
 # analysis -> run(model, dims, out_dir, options, progress) -> the cell's results (JSON-able)
-RUNNERS: dict[str, Callable] = dict(trace=_trace, attribute=_attribute, lfp=_lfp, detox=_detox)
+RUNNERS: dict[str, Callable] = dict(trace=_trace, attribute=_report_results(attribute),
+                                    lfp=_report_results(run_lfp), detox=_report_results(run_detox))
+OPTIONS: dict[str, type] = dict(trace=TraceOptions, attribute=AttributeOptions, lfp=LfpOptions,
+                                detox=DetoxOptions)
 CELL_KEYS = ("analysis", "model", "dims")  # what a cell analyses; the other keys are options
 
 
@@ -132,14 +124,14 @@ def _checked(spec: dict) -> dict:
     elif "dims" in spec:
         raise InputError(f"\"dims\" applies to trace only, not to {analysis}")
     options = {k: v for k, v in spec.items() if k not in CELL_KEYS}
-    from_config(_options_classes()[analysis], options)  # unknown names and bad values raise here
+    from_config(OPTIONS[analysis], options)  # unknown names and bad values raise here
     return json.loads(json.dumps(spec))  # as it reads back from JSON (tuples become lists)
 
 
 def options_of(cell: Cell):
     """The options dataclass of `cell`."""
     options = {k: v for k, v in cell.spec.items() if k not in CELL_KEYS}
-    return from_config(_options_classes()[cell.spec["analysis"]], options)
+    return from_config(OPTIONS[cell.spec["analysis"]], options)
 
 
 def cell_dir(out: pathlib.Path, cell: Cell) -> pathlib.Path:
@@ -172,25 +164,23 @@ def run_worker(config: dict, worker: int = 0, workers: int = 1, progress: bool =
         if is_done(out, cell):
             continue
         directory = cell_dir(out, cell)
-        try:
-            with store.lock_dir(directory):
-                if is_done(out, cell):  # finished by another process while we waited
-                    continue
-                say(progress, f"sweep: worker {worker}/{workers} cell {n}/{len(cells)} {cell.id} "
-                              f"{_describe(cell.spec)}")
-                key = json.dumps(cell.spec["model"])
-                if key not in models:
-                    models[key] = load(cell.spec["model"])
-                t = time.perf_counter()
-                results = RUNNERS[cell.spec["analysis"]](models[key], cell.spec.get("dims"), directory / "run",
-                                                         options_of(cell), progress)
-                store.write_cell(directory / "result.json", cell.spec,
-                                 dict(results=results, seconds=time.perf_counter() - t))
-                ran.append(cell.id)
-        except InputError as e:
-            if "is in use by process" not in str(e):
-                raise
-            say(progress, f"sweep: cell {cell.id} is being run by another process; skipped")
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(store.lock_dir(directory))
+            except InputError:  # lock_dir's only InputError: another process holds the cell
+                say(progress, f"sweep: cell {cell.id} is being run by another process; skipped")
+                continue
+            if is_done(out, cell):  # finished by another process while we waited
+                continue
+            say(progress, f"sweep: worker {worker}/{workers} cell {n}/{len(cells)} {cell.id} {_describe(cell.spec)}")
+            key = json.dumps(cell.spec["model"])
+            if key not in models:
+                models[key] = load(cell.spec["model"])
+            t = time.perf_counter()
+            results = RUNNERS[cell.spec["analysis"]](models[key], cell.spec.get("dims"), directory / "run",
+                                                     options_of(cell), progress)
+            store.write_cell(directory / "result.json", cell.spec, dict(results=results, seconds=time.perf_counter() - t))
+            ran.append(cell.id)
     return ran
 
 
@@ -207,7 +197,7 @@ def merge(config: dict) -> pathlib.Path:
     merged = [dict(id=c.id, cell=c.spec, **store.read_cell(cell_dir(out, c) / "result.json", c.spec))
               for c in cells]
     store.write_json(out / "results.json", dict(cells=merged))
-    varying = [k for k in config.get("grid", {})]
+    varying = list(config.get("grid", {}))
     page = [("h1", "Sweep"),
             ("p", f"{len(cells)} cells over {', '.join(varying) or 'no grid'}; each cell's own report is "
                   "under `cells/<id>/run/`."),

@@ -15,8 +15,9 @@ axis rules: the model dimension (embed) over fsdp (ZeRO-3-like: each device hold
 weight, gathered when used), heads / mlp / vocab over model (Megatron-style tensor parallelism),
 layers never split. A mesh axis that is absent or of size 1 leaves its dimensions whole; one that
 does not divide a dimension is an InputError naming the parameter and the axis. XLA's partitioner
-inserts the gathers and reductions, so every function of the parameters (extraction, generation,
-training) runs unchanged on sharded inputs and gives the one-device results.
+inserts the gathers and reductions, so a jitted function of the parameters runs unchanged on
+sharded inputs and gives the one-device results: extraction, generation and attribution scoring
+place parameters with `place_params` (the training loop still replicates its state).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtrust.core.errors import InputError
+from jtrust.runtime import distributed
 
 MESH_AXES = ("data", "fsdp", "model")
 RULES: dict[str, str | None] = dict(embed="fsdp", vocab="model", heads="model", mlp="model",
@@ -78,9 +80,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices=None) -> Mes
         raise InputError(f"a mesh of data={data} x fsdp={fsdp} x model={model} needs {need} devices; "
                          f"there are {len(devices)} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
                          "before JAX starts gives N)")
-    if need < len(devices):
-        devices = devices[:need]  # a smaller mesh on the first devices
-    return Mesh(np.array(devices).reshape(data, fsdp, model), MESH_AXES)
+    return Mesh(np.array(devices[:need]).reshape(data, fsdp, model), MESH_AXES)  # the first `need` devices
 
 
 def param_specs(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> Any:
@@ -113,7 +113,6 @@ def shard_params(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) 
     With several processes every process must hold the same parameter values; each copies only
     its own devices' slices (`jtrust.runtime.distributed.put`).
     """
-    from jtrust.runtime import distributed
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, rules), is_leaf=_is_spec)
     if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
         return jax.device_put(params, shardings)
@@ -123,7 +122,6 @@ def shard_params(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) 
 def place_params(params: Any, mesh: Mesh) -> Any:
     """Parameters for a computation on `mesh`: split by the rules when it has an fsdp or model
     axis larger than 1, else a full copy per device (`distributed.replicate`)."""
-    from jtrust.runtime import distributed
     return shard_params(params, mesh) if is_sharded_mesh(mesh) else distributed.replicate(params, mesh)
 
 
