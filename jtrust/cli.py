@@ -1,5 +1,5 @@
 """The `jtrust` command line: demo, info, convert, extract, generate, trace, evaluate, attribute, lfp, detox,
-sweep."""
+plan, sweep."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ def _layers(text: str):
                                          "such as 0,5,10") from None
 
 
+def _mesh(text: str | None):
+    """--mesh 'data=2,fsdp=4' -> a Mesh over this process's devices (None without the flag)."""
+    if not text:
+        return None
+    from jtrust.runtime.sharding import make_mesh, parse_mesh_sizes
+    return make_mesh(**parse_mesh_sizes(text))
+
+
+MESH_HELP = ("devices to run on, e.g. data=8 or data=2,fsdp=2,model=2 (rows over data x fsdp, weights "
+             "split over fsdp / model; on CPU XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
+
+
 def cmd_info(args) -> None:
     from jtrust.io.loading import load
     from jtrust.models.model import Series
@@ -52,6 +64,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_extract(args) -> None:
+    mesh = _mesh(args.mesh)  # before any work: a bad --mesh fails at once
     from jtrust.data import load_texts
     from jtrust.runtime.extract import extract
     from jtrust.io.loading import load
@@ -61,13 +74,14 @@ def cmd_extract(args) -> None:
     t = time.perf_counter()
     acts = extract(model, texts, sites=tuple(args.sites.split(",")), layers=args.layers,
                    pool=args.pool, batch_size=args.batch_size, max_length=args.max_length, out_dir=args.out,
-                   dataset_name=data.name)
+                   dataset_name=data.name, mesh=mesh)
     dt = time.perf_counter() - t
     print(f"extracted {len(texts)} texts from {model.name} in {dt:.1f} s -> {args.out}")
     del acts
 
 
 def cmd_generate(args) -> None:
+    mesh = _mesh(args.mesh)  # before any work: a bad --mesh fails at once
     import jax
     from jtrust.runtime.generate import generate
     from jtrust.io.loading import load
@@ -81,7 +95,7 @@ def cmd_generate(args) -> None:
     sampling = from_flags(Sampling, args)
     t = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
-                   sampling=sampling, chat=args.chat, n_samples=args.n)
+                   sampling=sampling, chat=args.chat, n_samples=args.n, mesh=mesh)
     dt = time.perf_counter() - t
     for prompt, samples in zip(prompts, out.texts):
         for s in samples:
@@ -133,6 +147,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_trace(args) -> None:
+    mesh = _mesh(args.mesh)  # before any work: a bad --mesh fails at once
     from jtrust.core.store import safe_name
     from jtrust.data import DIMENSION_TITLES
     from jtrust.io.loading import load
@@ -143,7 +158,7 @@ def cmd_trace(args) -> None:
     options = from_flags(TraceOptions, args)
     steer = from_flags(SteerOptions, args, prefix="steer_") if args.steer else None
     t = time.perf_counter()
-    report = trace(models, args.dims.split(","), args.out, options, steer)
+    report = trace(models, args.dims.split(","), args.out, options, steer, mesh=mesh)
     last = safe_name(models.names[-1] if isinstance(models, Series) else models.name)
     rows, _ = read_cells(args.out)
     for dim, b in best_layers(rows, last).items():
@@ -224,6 +239,25 @@ def cmd_detox(args) -> None:
     print(f"detox finished in {time.perf_counter() - t:.0f} s; report: {report}")
 
 
+def cmd_plan(args) -> None:
+    import os
+    import subprocess
+    from jtrust.runtime import plan
+    from jtrust.runtime.sharding import parse_mesh_sizes
+    sizes = parse_mesh_sizes(args.mesh)
+    shape = plan.Shape(args.batch, args.seq_len, args.samples, args.new_tokens, args.dtype)
+    device_gib = tuple(float(x) for x in args.device_gib.split(","))
+    if args.compile and not os.environ.get("JTRUST_PLAN_CHILD"):
+        import jax
+        need = max(64, sizes["data"] * sizes["fsdp"] * sizes["model"])
+        if jax.default_backend() == "cpu" and len(jax.devices()) < need:
+            # XLA compiles for a mesh of `need` devices; fake CPU devices stand in for them
+            env = dict(plan.fake_cpu_devices_env(need), JTRUST_PLAN_CHILD="1")
+            code = subprocess.run([sys.executable, "-m", "jtrust.cli", *sys.argv[1:]], env=env).returncode
+            raise SystemExit(code)
+    print("\n".join(plan.report(args.model, args.task, sizes, shape, args.compile, device_gib)))
+
+
 def cmd_sweep(args) -> None:
     from jtrust.pipelines import sweep
     config = sweep.read_config(args.config)
@@ -274,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--limit", type=int, default=0, help="only the first N texts")
     s.add_argument("--max-length", type=int, default=None, help="keep the first N tokens of longer texts")
+    s.add_argument("--mesh", default=None, help=MESH_HELP)
     s.set_defaults(fn=cmd_extract)
 
     s = command("generate", help="sample continuations (prints JSON lines)")
@@ -285,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(s, Sampling)
     s.add_argument("--n", type=int, default=1, help="samples per prompt")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mesh", default=None, help=MESH_HELP)
     s.set_defaults(fn=cmd_generate)
 
     s = command("trace", help="probe, MI and steering over layers and checkpoints, with a report")
@@ -295,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(s, TraceOptions)
     s.add_argument("--steer", action="store_true", help="also sweep steering vectors (--steer-* flags)")
     add_flags(s, SteerOptions, prefix="steer-")
+    s.add_argument("--mesh", default=None, help=MESH_HELP)
     s.set_defaults(fn=cmd_trace)
 
     s = command("evaluate", help="n sampled answers per prompt, scored, with high-probability bounds")
@@ -327,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the embedded model it was trained on; reused when it is --model)")
     add_flags(s, DetoxOptions)
     s.set_defaults(fn=cmd_detox)
+
+    s = command("plan", help="per-device memory of a task on a mesh, and the smallest mesh that fits")
+    s.add_argument("--model", default="smollm2", help="a checkpoint, a config.json, or a shape name "
+                   "(llama-2-7b, mistral-7b)")
+    s.add_argument("--task", default="extract", help="extract, generate, train or attribute")
+    s.add_argument("--mesh", default="data=1", help=MESH_HELP)
+    s.add_argument("--batch", type=int, default=8, help="rows (generate: prompts)")
+    s.add_argument("--seq-len", type=int, default=512, help="tokens per row (generate: prompt tokens)")
+    s.add_argument("--samples", type=int, default=1, help="generate: samples per prompt")
+    s.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per sample")
+    s.add_argument("--dtype", default="float32", help="weights' dtype for extract/generate/attribute")
+    s.add_argument("--device-gib", default="16,32", help="device sizes to find the smallest mesh for")
+    s.add_argument("--compile", action="store_true", help="also compile the program and print XLA's "
+                   "memory analysis (on CPU with fake devices)")
+    s.set_defaults(fn=cmd_plan)
 
     s = command("sweep", help="a config's grid of analyses, split over workers that share a directory")
     s.add_argument("--config", required=True, help="a JSON sweep config (see experiments/configs/sweep_*.json)")

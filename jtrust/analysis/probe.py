@@ -27,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from jtrust.core.errors import InputError
 from jtrust.core.stats import clopper_pearson
+from jtrust.runtime import distributed
 
 HISTORY = 10  # L-BFGS correction pairs (scipy's and so sklearn's default)
 NEWTON_STEPS = 15
@@ -177,10 +180,12 @@ def _line_search(margins, q, y, w, pw, c, steps: int = 4):
 
 def probe_layers(features: np.ndarray, labels: np.ndarray, split: str = "order", seed: int = 0,
                  c: float = 1.0, solver: str = "lbfgs", tol: float = 1e-5,
-                 max_iter: int = 1000) -> ProbeResult:
+                 max_iter: int = 1000, mesh: Mesh | None = None) -> ProbeResult:
     """features [n_layers, n, d], labels [n] in {0, 1} -> per-layer test accuracy with interval.
 
     solver / tol / max_iter: see the module docstring (tol and max_iter apply to lbfgs).
+    mesh: layers are split over all its devices (every axis), each device fitting its own layers
+      (same results); with several processes, every process passes the same features.
     """
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels)
@@ -193,12 +198,28 @@ def probe_layers(features: np.ndarray, labels: np.ndarray, split: str = "order",
         raise InputError(f"solver must be one of {SOLVERS}, not {solver!r}")
     train, test = split_indices(labels.shape[0], split, seed=seed)
     order = None if split == "order" else np.concatenate([train, test])
-    theta, iterations, correct = _probe_program(
-        jax.device_put(features), jnp.asarray(labels, jnp.float32), order, c, tol, len(train),
-        solver, max_iter)
+    program = functools.partial(_probe_program, order=order, c=c, tol=tol, n_train=len(train),
+                                solver=solver, max_iter=max_iter)
+    y = labels.astype(np.float32)
+    if mesh is None:
+        theta, iterations, correct = program(jax.device_put(features), jnp.asarray(y))
+    else:
+        theta, iterations, correct = _on_mesh(program, features, y, mesh)
     correct = np.asarray(correct)
     low, high = clopper_pearson(correct, len(test))
     return ProbeResult(correct / len(test), low, high, len(test), np.asarray(theta), np.asarray(iterations))
+
+
+def _on_mesh(program, features: np.ndarray, labels: np.ndarray, mesh: Mesh):
+    """`program` with the layer axis split over every device of `mesh` (padded with copies of
+    layer 0 to a multiple of the device count; the copies' results are dropped)."""
+    n_layers, axes = features.shape[0], tuple(mesh.axis_names)
+    padded = -(-n_layers // mesh.size) * mesh.size
+    features = np.concatenate([features, np.repeat(features[:1], padded - n_layers, axis=0)])
+    layers, whole = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
+    features, labels = distributed.put(features, layers), distributed.put(labels, whole)
+    per_device = jax.shard_map(program, mesh=mesh, in_specs=(P(axes), P()), out_specs=P(axes), check_vma=False)
+    return [x[:n_layers] for x in distributed.to_host(jax.jit(per_device)(features, labels))]
 
 
 @functools.partial(jax.jit, static_argnames=("n_train", "solver", "max_iter"))

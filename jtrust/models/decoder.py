@@ -22,6 +22,8 @@ gradient (see `zero_taps`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
@@ -116,11 +118,29 @@ SiteHook = Callable[[str, jax.Array], jax.Array]  # site(name, value) -> the (po
 Taps = dict[str, jax.Array]  # linear layer name -> what to add to its output
 
 
+# input(x) -> x, applied to every block product's input while set (`constrain_inputs`)
+_INPUT_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jtrust_inputs", default=None)
+
+
+@contextlib.contextmanager
+def constrain_inputs(constrain: Callable[[jax.Array], jax.Array] | None):
+    """While tracing inside this context, the input [B, ..., d_in] of every dense layer passes
+    through constrain(x) before its product: a sharding constraint that keeps rows split
+    (`jtrust.runtime.sharding.split_weights`)."""
+    token = _INPUT_CONSTRAINT.set(constrain)
+    try:
+        yield
+    finally:
+        _INPUT_CONSTRAINT.reset(token)
+
+
 def linear(x: jax.Array, n: int, bias: bool, name: str, taps: Taps | None) -> jax.Array:
     """Dense layer `name` (a child of the calling module) on x [..., d_in] -> [..., n].
 
     taps[name] [..., n], if given, is added to the output: its gradient is the output's.
     """
+    constrain = _INPUT_CONSTRAINT.get()
+    x = x if constrain is None else constrain(x)
     y = nn.Dense(n, use_bias=bias, dtype=x.dtype, name=name)(x)
     return y if taps is None or name not in taps else y + taps[name].astype(y.dtype)
 

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from jtrust.core.errors import InputError
 from jtrust.analysis.mi import information_plane
@@ -106,7 +107,7 @@ class SteerOptions:
 
 def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLike,
           options: TraceOptions = TraceOptions(), steer: SteerOptions | None = None,
-          progress: bool = True, wait: float = 0.0) -> pathlib.Path:
+          progress: bool = True, wait: float = 0.0, mesh: Mesh | None = None) -> pathlib.Path:
     """Run every missing cell, then write the report. Returns the report's path (report.html).
 
     dims: bundled dimension names ('all' = every one) and/or paths of labelled .csv/.jsonl files
@@ -114,8 +115,14 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
       under its file stem.
     wait: seconds to wait for another process tracing into out_dir to finish (then InputError);
       the whole call holds out_dir's lock (`jtrust.core.store.lock_dir`).
+    mesh: extraction runs on it (rows over data / fsdp, weights split by `jtrust.runtime.sharding`)
+      and the probes' layers are split over its devices; the devices of this process (several
+      hosts: one trace, or one sweep worker, per host).
     """
     out = pathlib.Path(out_dir)
+    if mesh is not None and not all(d.process_index == mesh.devices.flat[0].process_index for d in mesh.devices.flat):
+        raise InputError("trace runs on the devices of one process; on several hosts run one trace (or one "
+                         "`jtrust sweep --worker i` worker) per host, each with a mesh of its own devices")
     datasets = _dimensions(dims, options.limit)
     dims = list(datasets)
     series = models if isinstance(models, Series) else None
@@ -124,17 +131,17 @@ def trace(models: Model | Series, dims: Sequence[str], out_dir: str | os.PathLik
         _check_steer(steer, names)
     with store.lock_dir(out, wait):
         store.clean_temp(out, recursive=True)  # left by a killed run (cells, vectors, plots)
-        return _trace(models, series, names, dims, datasets, out, options, steer, progress)
+        return _trace(models, series, names, dims, datasets, out, options, steer, progress, mesh)
 
 
-def _trace(models, series, names, dims, datasets, out, options, steer, progress) -> pathlib.Path:
+def _trace(models, series, names, dims, datasets, out, options, steer, progress, mesh) -> pathlib.Path:
     checkpoints = iter(series) if series else iter([models])
     bar = tqdm.tqdm(total=len(names) * len(dims), unit="cell", desc="trace", disable=not progress)
     steer_source = None
     for name in names:
         model = next(checkpoints)
         for dim in dims:
-            _trace_cells(model, safe_name(name), dim, datasets[dim], out, options, progress)
+            _trace_cells(model, safe_name(name), dim, datasets[dim], out, options, progress, mesh)
             bar.update(1)
         if steer is not None and name == (steer.source or names[-1]):
             steer_source = model
@@ -148,7 +155,7 @@ def _trace(models, series, names, dims, datasets, out, options, steer, progress)
 
 
 def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, options: TraceOptions,
-                 progress: bool) -> None:
+                 progress: bool, mesh: Mesh | None) -> None:
     layers = list(range(model.config.n_layers)) if options.layers is None else sorted(set(options.layers))
     if layers[-1] >= model.config.n_layers or layers[0] < 0:
         raise InputError(f"layers {layers} out of range for {model.name}'s {model.config.n_layers} blocks")
@@ -167,10 +174,10 @@ def _trace_cells(model: Model, ckpt: str, dim: str, data, out: pathlib.Path, opt
     mi_layers = sorted(set(layers) | {0})  # X = block 0's output stands for the input
     _drop_stale_activations(acts_dir, model, data, mi_layers, options.batch_size)
     acts = extract(model, data.texts, layers=mi_layers, pool="last", batch_size=options.batch_size,
-                   out_dir=acts_dir, dataset_name=dim, progress=progress)
+                   out_dir=acts_dir, dataset_name=dim, progress=progress, mesh=mesh)
     features = np.stack([acts.get("resid_post", l) for l in layers])  # [L, n, d]
     if not _done(probe_path, probe_key):
-        r = probe_layers(features, data.labels, options.split, options.seed, options.c)
+        r = probe_layers(features, data.labels, options.split, options.seed, options.c, mesh=mesh)
         store.write_cell(probe_path, probe_key, dict(
             layers=layers, accuracy=r.accuracy.tolist(), low=r.low.tolist(), high=r.high.tolist(),
             n_test=r.n_test, n_train=len(data.texts) - r.n_test))

@@ -53,27 +53,32 @@ def put(tree: Any, sharding: Sharding) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Parameters (any pytree of arrays) -> a full copy on every device of `mesh`.
+    """Parameters (any pytree of arrays) -> a full copy on every device of `mesh` (`place`)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return place(tree, jax.tree.map(lambda _: replicated, tree))
 
-    Leaves already replicated on `mesh` are kept, so replicating once and reusing the result
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Arrays (any pytree) -> global arrays laid out by `shardings` (a matching tree of Shardings).
+
+    Leaves already laid out so are kept, so placing once and reusing the result
     (`model.with_params(replicate(model.params, mesh))`) saves a copy per call. With several
     processes, numpy leaves must be equal on every process and are copied without
     communication; other jax.Array leaves are taken from process 0 (one broadcast each), where
     they must be readable, because they may sit on a device of process 0 only (`jtrust.load`
     commits parameters to `jax.devices()[0]`, which belongs to process 0).
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    if replicated.is_fully_addressable:
-        return jax.device_put(tree, replicated)
+    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+        return jax.device_put(tree, shardings)
 
-    def leaf(x):
-        if getattr(x, "sharding", None) == replicated:
+    def leaf(x, sharding):
+        if getattr(x, "sharding", None) == sharding:
             return x
         if isinstance(x, jax.Array):
             x = _from_process_0(x)
-        return _from_host(np.asarray(x), replicated)
+        return _from_host(np.asarray(x), sharding)
 
-    return jax.tree.map(leaf, tree)
+    return jax.tree.map(leaf, tree, shardings)
 
 
 def to_host(tree: Any) -> Any:

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jtrust.core import store
 from jtrust.core.errors import InputError
@@ -166,7 +166,7 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
 
     layers: block indices (0 = the first block); None = all. Only blocks up to the deepest
       requested one run.
-    batch_size: texts per forward (rounded up to a multiple of the mesh's 'data' axis); every
+    batch_size: texts per forward (rounded up to a multiple of the mesh's data x fsdp axes); every
       batch has this many rows, the last one padded with copies that are dropped.
     max_length: keep the first max_length tokens of longer texts (counted as `n_truncated`).
     chunk_mb: output gathered before a chunk is stored; smaller = finer resume, more files.
@@ -175,8 +175,8 @@ def extract(model: Model, texts: list[str], sites=("resid_post",), layers: list[
     out_dir: stream chunks there and resume an interrupted run; None = keep all in memory.
       With several processes only process 0 writes and returns; the others return None.
     wait: seconds to wait for another process writing out_dir to finish (then InputError).
-    mesh: a Mesh with a 'data' axis; each batch's rows are sharded over it; params are replicated,
-      or split by `jtrust.runtime.sharding`'s rules over 'fsdp' / 'model' axes when it has them.
+    mesh: a Mesh with a 'data' axis; each batch's rows are sharded over it (and 'fsdp'); params are
+      replicated, or split by `jtrust.runtime.sharding`'s rules over 'fsdp' / 'model' axes.
       It may span the devices of several processes (`jtrust.distributed.data_mesh()`).
     dtype: storage dtype, float32 or float16 (the forward computes in float32).
     """
@@ -384,8 +384,8 @@ def _placement(params, mesh: Mesh | None, batch_size: int):
         return jax.device_put(params), None, batch_size
     if "data" not in mesh.axis_names:
         raise InputError(f"the mesh needs a 'data' axis to shard rows over; it has {mesh.axis_names}")
-    n = mesh.shape["data"]
-    return sharding.place_params(params, mesh), NamedSharding(mesh, PartitionSpec("data")), -(-batch_size // n) * n
+    n = sharding.row_groups(mesh)
+    return sharding.shard_params(params, mesh), NamedSharding(mesh, sharding.rows_spec(mesh)), -(-batch_size // n) * n
 
 
 def _tokenize(model: Model, texts: list[str], max_length: int | None):

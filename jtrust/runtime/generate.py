@@ -110,7 +110,7 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
                          f"({max_new_tokens}) = {longest} exceeds {model.name}'s {model.config.max_positions} "
                          "positions; lower --max-new-tokens or shorten the prompt")
     B = len(prompt_ids)
-    n_devices = 1 if mesh is None else mesh.shape["data"]
+    n_devices = 1 if mesh is None else sharding.row_groups(mesh)
     n_prompts = B  # pad with copies of the first prompt so rows divide evenly over the mesh
     while (n_prompts * n_samples) % n_devices:
         n_prompts += 1
@@ -123,8 +123,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *, 
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
         cache = init_cache(model.config, n_prompts, cache_length)
     else:
-        params = sharding.place_params(model.params, mesh)
-        rows = PartitionSpec("data") if n_prompts % n_devices == 0 else PartitionSpec()
+        params = sharding.shard_params(model.params, mesh)
+        rows = sharding.rows_spec(mesh) if n_prompts % n_devices == 0 else PartitionSpec()
         tokens, mask = distributed.put((tokens, mask), NamedSharding(mesh, rows))
         cache = _sharded_cache(model.config, n_prompts, cache_length, mesh, rows)
     out = _decode(params, tokens, mask, cache, jax.random.key(0) if key is None else key,
@@ -309,11 +309,12 @@ def _inverse_cdf_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def _constrain(mesh: Mesh | None, state: _State) -> _State:
-    """Shard every per-row array of the loop state over the mesh's 'data' axis."""
+    """Shard every per-row array of the loop state over the mesh's data (and fsdp) axes."""
     if mesh is None:
         return state
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    kv = NamedSharding(mesh, PartitionSpec(None, "data"))  # k, v: [L, R, ...]
+    spec = sharding.rows_spec(mesh)
+    rows = NamedSharding(mesh, spec)
+    kv = NamedSharding(mesh, PartitionSpec(None, *spec))  # k, v: [L, R, ...]
     c = jax.lax.with_sharding_constraint
     cache = KVCache(c(state.cache.k, kv), c(state.cache.v, kv), c(state.cache.valid, rows))
     return _State(state.step, c(state.feed, rows), cache, c(state.done, rows), c(state.length, rows),

@@ -16,8 +16,13 @@ weight, gathered when used), heads / mlp / vocab over model (Megatron-style tens
 layers never split. A mesh axis that is absent or of size 1 leaves its dimensions whole; one that
 does not divide a dimension is an InputError naming the parameter and the axis. XLA's partitioner
 inserts the gathers and reductions, so a jitted function of the parameters runs unchanged on
-sharded inputs and gives the one-device results: extraction, generation and attribution scoring
-place parameters with `place_params` (the training loop still replicates its state).
+sharded inputs and gives the one-device results: extraction, generation, attribution scoring and
+the training loop (parameters, gradients and optimizer state) place trees with `tree_shardings`.
+
+Rows of a batch are split over 'data' and 'fsdp' together (`rows_spec`): fully sharded data
+parallelism, each device computing its own rows with gathered weights. Any pytree may be placed:
+leaves whose names are not decoder weights (LoRA adapters, a sparse autoencoder, a probe) are
+replicated.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtrust.core.errors import InputError
+from jtrust.models import decoder
 from jtrust.runtime import distributed
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -41,7 +47,7 @@ _KERNELS = dict(q=("embed", "heads"), k=("embed", "heads"), v=("embed", "heads")
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     """The logical axis of each dimension of the parameter at `path` (names from the root)."""
-    stacked = path[0] == "blocks"  # blocks' parameters carry a leading [n_layers] axis
+    stacked = "blocks" in path  # blocks' parameters carry a leading [n_layers] axis (also nested, e.g. base/blocks)
     lead = ("layers",) if stacked else ()
     name, leaf = path[-2] if len(path) > 1 else "", path[-1]
     if name == "embed":
@@ -83,6 +89,18 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices=None) -> Mes
     return Mesh(np.array(devices[:need]).reshape(data, fsdp, model), MESH_AXES)  # the first `need` devices
 
 
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """'data=2,fsdp=4' (a --mesh flag) -> {"data": 2, "fsdp": 4, "model": 1}; axes left out are 1."""
+    sizes = dict(data=1, fsdp=1, model=1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        axis, _, value = part.partition("=")
+        if axis.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"mesh {text!r}: write axis=size pairs over data, fsdp, model, e.g. "
+                             "data=2,fsdp=4 (sizes positive integers)")
+        sizes[axis.strip()] = int(value)
+    return sizes
+
+
 def param_specs(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> Any:
     """A PartitionSpec per parameter (same tree as `params`), checked against the shapes."""
     check_mesh(mesh)
@@ -107,27 +125,42 @@ def param_specs(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> Any:
+    """A NamedSharding per leaf of `tree` (same structure): decoder weights by the rules, others replicated."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, rules), is_leaf=_is_spec)
+
+
 def shard_params(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> Any:
-    """`params` laid out on `mesh` by the rules (each device holds only its slices).
-
-    With several processes every process must hold the same parameter values; each copies only
-    its own devices' slices (`jtrust.runtime.distributed.put`).
-    """
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, rules), is_leaf=_is_spec)
-    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
-        return jax.device_put(params, shardings)
-    return jax.tree.map(lambda x, s: distributed.put(np.asarray(x), s), params, shardings)
+    """`params` laid out on `mesh` by the rules (each device holds only its slices); with several
+    processes as `jtrust.runtime.distributed.place`."""
+    return distributed.place(params, tree_shardings(params, mesh, rules))
 
 
-def place_params(params: Any, mesh: Mesh) -> Any:
-    """Parameters for a computation on `mesh`: split by the rules when it has an fsdp or model
-    axis larger than 1, else a full copy per device (`distributed.replicate`)."""
-    return shard_params(params, mesh) if is_sharded_mesh(mesh) else distributed.replicate(params, mesh)
+def split_weights(mesh: Mesh | None):
+    """A context for tracing a program on `mesh`: inside the scanned blocks every product's
+    input keeps its rows split over data x fsdp, so XLA gathers each layer's weights (fully
+    sharded data parallelism) instead of gathering the batch, and the backward pass
+    reduce-scatters each layer's gradient to the weight's slices (without it, a 7B training step
+    held every row's activations and a whole stacked gradient on each device). A no-op
+    without fsdp / model axes."""
+    if mesh is None or all(mesh.shape.get(a, 1) == 1 for a in ("fsdp", "model")):
+        return decoder.constrain_inputs(None)
+    rows = rows_spec(mesh)
+
+    def constrain(x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*rows, *[None] * (x.ndim - 1))))
+
+    return decoder.constrain_inputs(constrain)
 
 
-def is_sharded_mesh(mesh: Mesh) -> bool:
-    """True when `mesh` splits parameters (an fsdp or model axis larger than 1)."""
-    return any(mesh.shape.get(a, 1) > 1 for a in ("fsdp", "model"))
+def rows_spec(mesh: Mesh) -> PartitionSpec:
+    """How a batch's leading (row) axis is split: over 'data' and, when present, 'fsdp'."""
+    return PartitionSpec(tuple(a for a in ("data", "fsdp") if a in mesh.axis_names))
+
+
+def row_groups(mesh: Mesh) -> int:
+    """Into how many parts `rows_spec` splits the rows (a batch must be a multiple of it)."""
+    return mesh.shape["data"] * mesh.shape.get("fsdp", 1)
 
 
 def per_device_bytes(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) -> int:

@@ -25,6 +25,7 @@ from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import forward
 from jtrust.models.model import Model
 from jtrust.models.tokenizer import Tokenizer
+from jtrust.runtime import distributed, sharding
 from jtrust.training.loop import DTYPES, TrainConfig, TrainState, batch_indices, fit
 
 
@@ -231,6 +232,8 @@ def train(model: Model, examples: Examples | Mapping[str, Examples], config: Tra
     trainable = (lora_lib.init_adapters(model.params, config.lora, jax.random.key(config.seed))
                  if config.lora else jax.tree.map(jnp.copy, model.params))  # the step donates its state
     frozen = {"base": model.params if config.lora else None, "reference": reference}
+    if mesh is not None:  # placed here too: the checkpoints merge adapters into this copy of the base
+        frozen = distributed.place(frozen, sharding.tree_shardings(frozen, mesh))
 
     def batches(step: int):
         batch = {name: _micro_batches(ex, config, step, i) for i, (name, ex) in enumerate(streams.items())}

@@ -11,8 +11,10 @@ the full batch's gradient (for token losses: the token-weighted mean over the wh
 One step = `accumulation` micro-batches scanned inside one compiled program. `batches(step)` is
 a pure function of the step (every leaf [accumulation, micro, ...]), so a resumed run sees the
 data a straight run would have seen and ends with the same parameters. With a `Mesh`, batches
-are split over its 'data' axis and the state is replicated (data parallel; XLA inserts the
-gradient all-reduce). Language-model training (`jtrust.training.lm.train`) is one such loss.
+are split over its 'data' (and 'fsdp') axes and the state is laid out by
+`jtrust.runtime.sharding`: replicated on a data-only mesh (data parallel: XLA inserts the
+gradient all-reduce), decoder weights and their gradients and Adam moments split over 'fsdp' /
+'model' when the mesh has them (XLA gathers each weight where it is used). Language-model training (`jtrust.training.lm.train`) is one such loss.
 Process 0 holds the run directory's lock (`jtrust.core.store.lock_dir`) for the whole call, so
 a second run into the same directory waits up to `wait` seconds, then stops naming the first.
 """
@@ -30,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.io import runs
 from jtrust.models import lora as lora_lib
-from jtrust.runtime import distributed
+from jtrust.runtime import distributed, sharding
 
 RUN_FORMAT = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -242,15 +245,18 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
     optimizer = make_optimizer(config)
     state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
-    replicated = batch_sharding = None
+    state_shardings = metric_sharding = batch_sharding = None
     if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-        if (config.batch_size // config.accumulation) % mesh.size:
-            raise InputError(f"micro-batch {config.batch_size // config.accumulation} does not split "
-                             f"over {mesh.size} devices; choose batch_size / accumulation divisible by it")
-        state = distributed.replicate(state, mesh)
-        frozen = distributed.replicate(frozen, mesh) if frozen is not None else None
+        sharding.check_mesh(mesh)
+        micro, groups = config.batch_size // config.accumulation, sharding.row_groups(mesh)
+        if micro % groups:
+            raise InputError(f"micro-batch {micro} does not split over the mesh's {groups} data x fsdp "
+                             "devices; choose batch_size / accumulation divisible by it")
+        state_shardings = _state_shardings(state, optimizer, mesh)
+        metric_sharding = NamedSharding(mesh, PartitionSpec())
+        batch_sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.rows_spec(mesh)))  # [A, micro, ...]
+        state = distributed.place(state, state_shardings)
+        frozen = distributed.place(frozen, sharding.tree_shardings(frozen, mesh))
 
     save_steps = set(config.save_steps) | {config.steps}
     manager = runs.checkpoint_manager(out, save_steps)
@@ -268,7 +274,7 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
     start = start or 0
 
     step_fn = jax.jit(make_train_step(loss_fn, optimizer, post_update), donate_argnums=0,
-                      out_shardings=(replicated, replicated) if mesh is not None else None)
+                      out_shardings=(state_shardings, metric_sharding) if mesh is not None else None)
 
     def checkpoint(step: int, state: TrainState) -> None:
         if not (step in save_steps or (config.eval_every and step % config.eval_every == 0)):
@@ -294,7 +300,8 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
             batch = batches(step)
             if mesh is not None:
                 batch = distributed.put(batch, batch_sharding)
-            state, out_metrics = step_fn(state, frozen, batch)
+            with sharding.split_weights(mesh):  # traced on the first call: rows stay split in the blocks
+                state, out_metrics = step_fn(state, frozen, batch)
             done = step + 1
             window_items += items_per_step[1] if items_per_step else 0.0
             if done % config.log_every == 0 or done == config.steps:
@@ -316,3 +323,14 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
         manager.wait_until_finished()
         manager.close()
     return FitResult(state, out, metrics, end)
+
+
+def _state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+    """Where each part of the state lives on `mesh`: the trainable tree by `jtrust.runtime.sharding`'s
+    rules (decoder weights split over fsdp / model, anything else replicated), each optimizer
+    moment like the parameter it belongs to, counters replicated."""
+    params = sharding.tree_shardings(state.trainable, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, params,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(replicated, params, opt)

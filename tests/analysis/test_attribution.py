@@ -304,20 +304,22 @@ MESH_SCRIPT = """
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax starts
 import jax, numpy as np
-from jax.sharding import Mesh
+from jtrust.runtime.sharding import make_mesh
 from test_attribution import MODEL, TRAIN, QUERIES, TASK, attr
 assert len(jax.devices()) == 8
-mesh = Mesh(np.array(jax.devices()), ("data",))
 for method in ("ekfac", "identity"):  # the matrix-free path chunks rows the same way
     opts = attr.Options(method=method, chunk=8, iterations=5)
     one = attr.scores(MODEL, TRAIN, QUERIES, task=TASK, options=opts, progress=False)
-    sharded = attr.scores(MODEL, TRAIN, QUERIES, task=TASK, options=opts, mesh=mesh, progress=False)
-    np.testing.assert_allclose(sharded, one, rtol=1e-4, atol=1e-6 * np.abs(one).max())
+    # rows over 8 data devices; rows over data x fsdp with weights split over fsdp (and model)
+    for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, model=2)):
+        sharded = attr.scores(MODEL, TRAIN, QUERIES, task=TASK, options=opts, mesh=make_mesh(**sizes),
+                              progress=False)
+        np.testing.assert_allclose(sharded, one, rtol=1e-4, atol=1e-6 * np.abs(one).max(), err_msg=str(sizes))
 print("ok")
 """
 
 
-def test_training_rows_sharded_over_eight_devices_give_the_same_scores():
+def test_scores_on_data_fsdp_and_model_meshes_equal_one_device():
     here = pathlib.Path(__file__).parent
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(here), str(here.parent), str(here.parents[1])]))

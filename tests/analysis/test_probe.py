@@ -58,3 +58,43 @@ def test_refusals():
         probe_layers(np.zeros((1, 4, 2)), np.zeros(4, int))
     with pytest.raises(ValueError, match=r"\[n_layers, n, d\]"):
         probe_layers(np.zeros((4, 2)), np.array([0, 1, 0, 1]))
+
+
+MESH_SCRIPT = """
+import json
+import numpy as np
+from jtrust.analysis.probe import probe_layers
+from jtrust.runtime.sharding import make_mesh
+rng = np.random.RandomState(1)
+labels = rng.randint(0, 2, 240)
+# 5 layers (not a multiple of 8 devices: padded), signal growing with depth
+features = np.stack([rng.randn(240, 16) + 0.3 * l * labels[:, None] * rng.randn(16) for l in range(5)])
+out = {"none": probe_layers(features, labels, split="shuffled").weights.tolist()}
+for name, sizes in [("8data", dict(data=8)), ("2data2fsdp2model", dict(data=2, fsdp=2, model=2))]:
+    r = probe_layers(features, labels, split="shuffled", mesh=make_mesh(**sizes))
+    out[name] = r.weights.tolist()
+    out[name + "_accuracy"] = r.accuracy.tolist()
+np.save("features.npy", features)
+np.save("labels.npy", labels)
+print(json.dumps(out))
+"""
+
+
+def test_layers_split_over_a_mesh_equal_one_device_and_sklearn(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    features, labels = np.load(tmp_path / "features.npy"), np.load(tmp_path / "labels.npy")
+    train, test = split_indices(len(labels), "shuffled")
+    for name in ("8data", "2data2fsdp2model"):
+        np.testing.assert_allclose(r[name], r["none"], rtol=1e-4, atol=1e-5, err_msg=name)
+        for i, f in enumerate(features):
+            z = (f - f.mean(0)) / f.std(0)
+            want, _ = sklearn_accuracy(z, labels, train, test)
+            assert abs(r[name + "_accuracy"][i] - want) <= 0.01 + 1e-9, (name, i)

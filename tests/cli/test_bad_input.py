@@ -137,3 +137,18 @@ def test_any_flag_value_parses_or_is_refused_cleanly(which, value):
                 from_flags(cls, args, prefix=pre.replace("-", "_"))
             except InputError as e:
                 assert str(e).startswith("--"), e  # names the flag
+
+
+@pytest.mark.parametrize("command", ["trace", "extract", "generate"])
+@pytest.mark.parametrize("mesh, message", [
+    ("data=2,tensor=2", "write axis=size pairs over data, fsdp, model"),
+    ("data=0", "write axis=size pairs"),
+    ("data=64", "needs 64 devices; there are 1"),
+])
+def test_bad_mesh_fails_in_one_line_before_loading(command, mesh, message, tmp_path, capsys):
+    extra = {"extract": ["--data", "toxicity", "--out", str(tmp_path / "out")], "generate": ["--prompt", "hi"],
+             "trace": ["--out", str(tmp_path / "out")]}[command]
+    code, err = run([command, "--model", str(tmp_path / "no_model_needed"), "--mesh", mesh, *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"jtrust {command}: ") and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -217,26 +217,48 @@ DATA_PARALLEL_CHILD = textwrap.dedent("""
     import jax, numpy as np
     import jtrust
     from jtrust import training as T
-    from jax.sharding import Mesh
+    from jtrust.core.errors import InputError
+    from jtrust.models.lora import LoraConfig
+    from jtrust.runtime import sharding
     assert len(jax.devices()) == 8
     checkpoint, examples_file, out = sys.argv[1:4]
     model = jtrust.load(checkpoint)
     with open(examples_file, "rb") as f:
         examples = pickle.load(f)
     config = T.TrainConfig(steps=6, batch_size=16, accumulation=2, learning_rate=3e-3, log_every=1)
+    lora = T.TrainConfig(steps=4, batch_size=16, learning_rate=3e-3, log_every=1, lora=LoraConfig(rank=4))
     one = T.train(model, examples, config, out + "/one", progress=False)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    eight = T.train(model, examples, config, out + "/eight", progress=False, mesh=mesh)
-    leaf = jax.tree.leaves(eight.model.params)[0]
-    assert len(leaf.sharding.device_set) == 8  # the state lives on all 8 devices
-    diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in
-                            zip(jax.tree.leaves(one.model.params), jax.tree.leaves(eight.model.params))])
-    print(json.dumps({"one": [m["loss"] for m in one.metrics], "eight": [m["loss"] for m in eight.metrics],
-                      "max_diff": float(diffs.max()), "frac_over_2e-5": float(np.mean(diffs > 2e-5))}))
+    one_lora = T.train(model, examples, lora, out + "/one_lora", progress=False)
+    result = {"one": [m["loss"] for m in one.metrics], "one_lora": [m["loss"] for m in one_lora.metrics]}
+
+    def differences(a, b):
+        d = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel()
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
+        return float(d.max()), float(np.mean(d > 2e-5))
+
+    for name, sizes in [("8data", dict(data=8)), ("2data4fsdp", dict(data=2, fsdp=4)),
+                        ("2data2fsdp2model", dict(data=2, fsdp=2, model=2))]:
+        mesh = sharding.make_mesh(**sizes)
+        run = T.train(model, examples, config, out + "/" + name, progress=False, mesh=mesh)
+        q = run.model.params["blocks"]["attn"]["q"]["kernel"]
+        assert len(q.sharding.device_set) == 8  # the state lives on all 8 devices
+        result[name] = {"loss": [m["loss"] for m in run.metrics], "q_shard": list(q.addressable_shards[0].data.shape),
+                        "diff": differences(one.model.params, run.model.params)}
+        if "model" in sizes:  # LoRA: adapters replicated, the frozen base split by the rules
+            run = T.train(model, examples, lora, out + "/lora_" + name, progress=False, mesh=mesh)
+            result["lora_" + name] = {"loss": [m["loss"] for m in run.metrics],
+                                      "diff": differences(one_lora.model.params, run.model.params)}
+    try:
+        T.train(model, examples, config, out + "/bad", progress=False, mesh=sharding.make_mesh(data=2, model=3))
+    except InputError as e:
+        result["bad"] = str(e)
+    print(json.dumps(result))
 """)
 
 
-def test_data_parallel_on_8_devices_matches_one_device(tiny, tmp_path):
+def test_training_on_data_fsdp_and_model_meshes_matches_one_device(tiny, tmp_path):
+    """Losses and final parameters on meshes (8 data), (2 data x 4 fsdp), (2 data x 2 fsdp x 2
+    model) of 8 fake devices equal one device's, full fine-tuning and LoRA."""
     import pickle
     model, _, examples = tiny
     src = tmp_path / "model"
@@ -246,15 +268,23 @@ def test_data_parallel_on_8_devices_matches_one_device(tiny, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_CHILD, str(src), str(tmp_path / "examples.pkl"),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(result["one"]) == 6
-    np.testing.assert_allclose(result["eight"], result["one"], rtol=1e-5)
-    assert result["one"][-1] < result["one"][0]
-    # the all-reduce sums in another order; as in the AdamW oracle test, only elements with
-    # noise-level gradients may differ by more than 2e-5, and by less than one step (lr)
-    assert result["frac_over_2e-5"] <= 1e-4 and result["max_diff"] < 3e-3
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["one"]) == 6 and r["one"][-1] < r["one"][0]
+    d, h = model.config.d_model, model.config.n_heads * model.config.head_dim
+    shards = {"8data": [model.config.n_layers, d, h], "2data4fsdp": [model.config.n_layers, d // 4, h],
+              "2data2fsdp2model": [model.config.n_layers, d // 2, h // 2]}
+    for name in ("8data", "2data4fsdp", "2data2fsdp2model", "lora_2data2fsdp2model"):
+        np.testing.assert_allclose(r[name]["loss"], r["one_lora" if "lora" in name else "one"], rtol=1e-5,
+                                   err_msg=name)
+        # the reductions sum in another order; as in the AdamW oracle test, only elements with
+        # noise-level gradients may differ by more than 2e-5, and by less than one step (lr)
+        max_diff, frac = r[name]["diff"]
+        assert frac <= 1e-4 and max_diff < 3e-3, (name, r[name]["diff"])
+        if name in shards:
+            assert r[name]["q_shard"] == shards[name], name
+    assert "'model' of size 3" in r["bad"] and r["bad"].startswith("parameter ")
 
 
 def test_lora_trains_adapters_only_and_follows_the_chain_rule(tiny, tmp_path):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jtrust.analysis.attribution import curvature as curv
 from jtrust.analysis.attribution.task import Task, flat_grads, module_grads, module_io
@@ -52,7 +52,7 @@ class Options:
     damping: float = option(0.1, "damping: a fraction of the mean eigenvalue of the curvature")
     project: int | None = option(None, "project each module's inputs and output gradients to k "
                                        "dimensions (k x k gradients per module; module methods only)")
-    chunk: int = option(8, "rows per gradient batch (a multiple of the mesh's data axis)")
+    chunk: int = option(8, "rows per gradient batch (a multiple of the mesh's data x fsdp axes)")
     seed: int = option(0, "seed of the random projections")
     curvature: str = option("gauss_newton", "cg / lissa: Gauss-Newton or exact Hessian products",
                             choices=curv.CURVATURES)
@@ -84,17 +84,19 @@ def scores(model: Model, train: Examples, queries: Examples, *, task: Task = Tas
            options: Options = Options(), cache_dir: str | os.PathLike | None = None,
            mesh: Mesh | None = None, progress: bool = True, mean: bool = False) -> np.ndarray:
     """[M, N] float64 influence of every training row (train [N, T]) on every query row
-    (queries [M, S]). mesh: training rows are split over its 'data' axis (same scores).
+    (queries [M, S]). mesh: training rows are split over its data (and fsdp) axes, parameters by the rules (same scores).
     mean: [1, N], the mean over queries, computed as one query (the score is linear in the query
     gradient), so a matrix-free method solves one system instead of M."""
-    return _Scorer(model, train, task, options, cache_dir, mesh, progress).scores(queries, mean)
+    with sharding.split_weights(mesh):
+        return _Scorer(model, train, task, options, cache_dir, mesh, progress).scores(queries, mean)
 
 
 def self_influence(model: Model, train: Examples, *, task: Task = Task(), options: Options = Options(),
                    cache_dir: str | os.PathLike | None = None, mesh: Mesh | None = None,
                    progress: bool = True) -> np.ndarray:
     """[N] float64: grad l(z_n)^T H^-1 grad l(z_n) (large for rows the model finds surprising)."""
-    return _Scorer(model, train, task, options, cache_dir, mesh, progress).self_influence()
+    with sharding.split_weights(mesh):
+        return _Scorer(model, train, task, options, cache_dir, mesh, progress).self_influence()
 
 
 def top_k(score_matrix: np.ndarray, k: int) -> np.ndarray:
@@ -227,10 +229,10 @@ class _Scorer:
             raise InputError(f"{options.method} works per linear layer: give Task(modules=Modules(...))")
         if task.modules is not None:
             task.modules.check(model.config)
-        self.params = model.params if mesh is None else sharding.place_params(model.params, mesh)
-        if mesh is not None and options.chunk % mesh.shape["data"]:
-            raise InputError(f"chunk={options.chunk} must be a multiple of the mesh's data axis "
-                             f"({mesh.shape['data']})")
+        self.params = model.params if mesh is None else sharding.shard_params(model.params, mesh)
+        if mesh is not None and options.chunk % sharding.row_groups(mesh):
+            raise InputError(f"chunk={options.chunk} must be a multiple of the mesh's data x fsdp axes "
+                             f"({sharding.row_groups(mesh)})")
         self.dir = None if cache_dir is None else _cache_dir(pathlib.Path(cache_dir), model, task,
                                                              options, self.train)
         self.projections = self._projections() if options.project else {}
@@ -246,8 +248,8 @@ class _Scorer:
             batch = Examples(*(np.concatenate([x[start:stop], np.zeros((pad,) + x.shape[1:], x.dtype)])
                                for x in rows))
             if self.mesh is not None:
-                sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-                batch = Examples(*(jax.device_put(x, sharding) for x in batch))
+                split = NamedSharding(self.mesh, sharding.rows_spec(self.mesh))
+                batch = Examples(*(jax.device_put(x, split) for x in batch))
             yield slice(start, stop), batch
 
     def _projections(self) -> dict:
