@@ -242,7 +242,7 @@ def cmd_detox(args) -> None:
 def cmd_plan(args) -> None:
     import os
     import subprocess
-    from jtrust.runtime import plan
+    from jtrust.pipelines import plan
     from jtrust.runtime.sharding import parse_mesh_sizes
     sizes = parse_mesh_sizes(args.mesh)
     shape = plan.Shape(args.batch, args.seq_len, args.samples, args.new_tokens, args.dtype)

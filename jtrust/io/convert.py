@@ -150,12 +150,12 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, source: st
                              "every layer must have the same shapes")
         value = stacked[0] if layers == [None] else np.stack(stacked)
         full = ("blocks",) + path if "{i}" in src else path
-        want = _get(expected, full).shape
+        want = tree_get(expected, full).shape
         if value.shape != tuple(want):
             raise InputError(f"{source}: tensor {src.format(i=0)!r} has shape {value.shape} after "
                              f"conversion but the config implies {tuple(want)}; the config does not "
                              "match the weights")
-        _set(params, full, value)
+        tree_set(params, full, value)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise InputError(f"{source}: {len(unexpected)} tensors the {config.family} config does not "
@@ -163,13 +163,13 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, source: st
     return params
 
 
-def _get(tree, path):
+def tree_get(tree, path):
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value

@@ -40,6 +40,12 @@ def read_hf_dir(path) -> RawCheckpoint:
     return RawCheckpoint(config, _read_weights(path), _read_tokenizer(path, config))
 
 
+def read_hf_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a Hugging Face directory (tokenizer.json with the config's special tokens)."""
+    path = pathlib.Path(path)
+    return _read_tokenizer(path, _read_config(path / "config.json"))
+
+
 def read_hf_config(path) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face `config.json` (the file, or the directory holding it).
 

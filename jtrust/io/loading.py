@@ -27,7 +27,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -128,7 +128,9 @@ def save(model: Model, dst: pathlib.Path, source: str = "") -> None:
             {"source": source, "checkpoint_hash": model.checkpoint_hash, "name": model.name}, indent=2))
 
 
-def read_jtrust_dir(path: pathlib.Path) -> Model:
+def read_jtrust_dir(path: pathlib.Path, shardings: Callable[[ModelConfig], Any] | None = None) -> Model:
+    """A jtrust directory; shardings(config) -> a tree of Shardings restores the parameters
+    straight into shards (each process reading only its devices' chunks)."""
     for required in (JTRUST_MARKER, "tokenizer.json", "jtrust_tokenizer.json", "params"):
         if not (path / required).exists():
             raise MissingInput(f"{path / required} is missing: {path} is not a complete jtrust "
@@ -140,9 +142,16 @@ def read_jtrust_dir(path: pathlib.Path) -> Model:
     config = ModelConfig.from_dict(stored, source=path / JTRUST_MARKER)
     tokenizer = Tokenizer.from_dir(path)
     source = json.loads((path / "source.json").read_text()) if (path / "source.json").exists() else {}
-    params = restore_params(path / "params", config, path / JTRUST_MARKER)
+    params = restore_params(path / "params", config, path / JTRUST_MARKER,
+                            None if shardings is None else shardings(config))
     return Model(config, params, tokenizer, name=source.get("name", str(path)),
                  checkpoint_hash=source.get("checkpoint_hash") or content_hash(path))
+
+
+def checkpoint_kind(spec) -> tuple[pathlib.Path, str]:
+    """(path, kind) of a checkpoint spec: kind is "gguf", "hf", "jtrust" or "series"."""
+    path = _resolve(spec)
+    return path, _kind(path)
 
 
 def _resolve(spec) -> pathlib.Path:

@@ -18,20 +18,31 @@ def default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+# stored chunks of at most this size, so a process restoring a shard reads about its share
+CHUNK_BYTES = 4 << 20
+
+
 def save_params(directory: str | os.PathLike, params: Any) -> None:
-    """Write a parameter pytree as an orbax checkpoint at `directory` (which must not exist)."""
+    """Write a parameter pytree as an orbax checkpoint at `directory` (which must not exist),
+    each array stored in chunks of at most CHUNK_BYTES (split along its largest dimensions)."""
     import orbax.checkpoint as ocp
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(pathlib.Path(directory).absolute(), params)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    checkpointer.save(pathlib.Path(directory).absolute(), params, save_args=save_args)
     checkpointer.wait_until_finished()
 
 
-def restore_params(params_dir: pathlib.Path, config: ModelConfig, config_path: pathlib.Path) -> Any:
-    """Orbax parameters for `config`, committed to the first local device."""
+def restore_params(params_dir: pathlib.Path, config: ModelConfig, config_path: pathlib.Path,
+                   shardings: Any = None) -> Any:
+    """Orbax parameters for `config`, committed to the first local device, or laid out by
+    `shardings` (a tree of Shardings like the parameters'): then each process reads only the
+    stored chunks that overlap its own devices' slices."""
     import orbax.checkpoint as ocp
-    sharding = default_sharding()
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: default_sharding(), shapes)
+    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes, shardings)
     try:
         return ocp.StandardCheckpointer().restore(pathlib.Path(params_dir).absolute(), target)
     except Exception as e:  # orbax raises many types; the user needs the path and the cause

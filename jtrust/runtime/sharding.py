@@ -174,3 +174,42 @@ def per_device_bytes(params: Any, mesh: Mesh, rules: dict[str, str | None] = RUL
 
 def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
+
+
+def load_sharded(spec, mesh: Mesh, rules: dict[str, str | None] = RULES):
+    """A checkpoint loaded straight into its shards on `mesh` (a `jtrust.Model`), each process
+    reading only what its devices hold:
+
+      a jtrust directory (`jtrust convert`)   orbax restores each device's slices from the stored
+                                              chunks that overlap them (any family)
+      a Hugging Face safetensors directory    the slices' byte ranges of each tensor (Llama family:
+                                              Llama, Mistral, Qwen2, SmolLM2; `jtrust.io.slices`)
+      anything else (GGUF, .bin)              read whole on every host, then split (`shard_params`)
+
+    Every process of a multi-host run calls it with the same spec and mesh. The checkpoint hash
+    of a sliced safetensors load covers the files' names, sizes and headers (reading every byte
+    to hash it would defeat the purpose), so it differs from a whole load's.
+    """
+    from jtrust.io import hf, loading, slices
+    from jtrust.models.model import Model
+
+    check_mesh(mesh)
+
+    def shardings(config):
+        shapes = jax.eval_shape(lambda: decoder.init_params(config, jax.random.key(0)))
+        return tree_shardings(shapes, mesh, rules)
+
+    path, kind = loading.checkpoint_kind(spec)
+    if kind == "jtrust":
+        return loading.read_jtrust_dir(path, shardings)
+    if kind == "hf" and hf.read_hf_config(path).family == "llama" and any(
+            (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        config = hf.read_hf_config(path)
+        reader = slices.SafetensorsSlices(path)
+        params = slices.read_sharded_safetensors(path, config, shardings(config), reader)
+        return Model(config, params, hf.read_hf_tokenizer(path), name=str(spec),
+                     checkpoint_hash=slices.checkpoint_id(path, reader))
+    if kind == "series":
+        raise InputError(f"{path} is a series; load its checkpoints one at a time with load_sharded")
+    model = loading.load(spec)
+    return model.with_params(shard_params(model.params, mesh, rules))

@@ -104,3 +104,77 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_array_equal(result["tokens"], gen.tokens)
         np.testing.assert_array_equal(result["lengths"], gen.lengths)
         np.testing.assert_array_equal(result["sampled"], sampled.tokens)
+
+
+SHARDED_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jtrust
+    import jtrust.runtime.distributed
+
+    port, process_id, hf_dir, converted, out = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+    jtrust.distributed.initialize(f"localhost:{port}", 2, process_id)
+    import jax
+    from jtrust.runtime import distributed, sharding
+
+    def read_bytes():  # bytes this process has read from files so far (page cache included)
+        return int(open("/proc/self/io").read().split("rchar: ")[1].split()[0])
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, model=4)  # fsdp 0 = process 0's devices, 1 = process 1's
+    result = {}
+    sharding.load_sharded(converted, mesh)  # once first: orbax's first restore imports modules (read too)
+    for name, path in (("hf", hf_dir), ("orbax", converted)):
+        start = read_bytes()
+        model = sharding.load_sharded(path, mesh)
+        result[name + "_bytes"] = read_bytes() - start
+        q = model.params["blocks"]["attn"]["q"]["kernel"]
+        assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model"), q.sharding
+        assert not q.is_fully_addressable  # half of it lives on the other process
+        gathered = distributed.to_host(model.params)
+        for key, value in jax.tree_util.tree_leaves_with_path(gathered):
+            result[name + jax.tree_util.keystr(key)] = value
+        tokens = jax.numpy.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % 200 + 3)
+        result[name + "_activations"] = np.stack([jtrust.extract(model, ["a b c", "Trust, but verify."],
+            pool="mean", mesh=mesh, progress=False).get("resid_post", l) for l in range(model.config.n_layers)])
+    start = read_bytes()
+    jtrust.load(hf_dir, cache=False)  # the whole checkpoint, for comparison
+    result["whole_bytes"] = read_bytes() - start
+    np.savez(f"{out}/sharded{process_id}.npz", **result)
+""")
+
+
+def test_two_processes_load_only_their_slices(tmp_path):
+    """Each of two processes reads about half of the checkpoint (a safetensors directory by
+    byte ranges, a jtrust directory by orbax chunks) and together they hold the whole model."""
+    from jtrust.io import params as params_io
+    checkpoint = tmp_path / "llama"
+    make_tiny_hf_dir(checkpoint, "llama")
+    chunk, params_io.CHUNK_BYTES = params_io.CHUNK_BYTES, 2048  # tiny weights: tiny chunks
+    try:
+        converted = jtrust.convert(checkpoint, tmp_path / "converted")
+    finally:
+        params_io.CHUNK_BYTES = chunk
+    here = pathlib.Path(__file__).parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JTRUST_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    children = [subprocess.Popen([sys.executable, "-c", SHARDED_CHILD, str(port), str(i), str(checkpoint),
+                                  str(converted), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+    model = jtrust.load(checkpoint, cache=False)
+    reference = jtrust.extract(model, ["a b c", "Trust, but verify."], pool="mean", progress=False)
+    for child in children:
+        _, err = child.communicate(timeout=600)
+        assert child.returncode == 0, err[-3000:]
+    weights = (checkpoint / "model.safetensors").stat().st_size
+    for i in range(2):
+        r = np.load(tmp_path / f"sharded{i}.npz")
+        assert r["whole_bytes"] >= weights  # the whole load reads every tensor
+        for name in ("hf", "orbax"):
+            # half of every split weight (norms and the 4 KB tokenizer read whole; orbax adds its index)
+            assert r[f"{name}_bytes"] < 0.62 * r["whole_bytes"], (name, i, r[f"{name}_bytes"], r["whole_bytes"])
+            for key, value in jax.tree_util.tree_leaves_with_path(model.params):
+                np.testing.assert_array_equal(r[name + jax.tree_util.keystr(key)], np.asarray(value))
+            want = np.stack([reference.get("resid_post", l) for l in range(model.config.n_layers)])
+            np.testing.assert_allclose(r[name + "_activations"], want, atol=2e-5, rtol=1e-5)

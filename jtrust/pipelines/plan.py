@@ -7,7 +7,8 @@
                  step (the micro-batches' running sum, this micro-batch's, the optimizer's update),
                  two for attribution (the result and the backward pass's per-layer buffer)
     optimizer    Adam's two moments, split the same way (train)
-    kv_cache     keys and values of every layer for every row, rows split over data x fsdp (generate)
+    kv_cache     keys and values of every layer: the prompts' cache (an input) and the samples'
+                 (prompts x samples rows, the output), rows split over data x fsdp (generate)
     activations  the largest live set of intermediates (formulas in `_activations`; an estimate)
 
 `compiled(config, task, mesh, shape)` lowers and compiles the very program jtrust runs for the
@@ -115,7 +116,7 @@ def estimate(config: ModelConfig, task: str, sizes: dict[str, int], shape: Shape
     if task == "train":
         parts["optimizer"] = 2 * f32
     if task == "generate":
-        rows = _per_device_rows(shape.batch * shape.samples, sizes)
+        rows = _per_device_rows(shape.batch, sizes) + _per_device_rows(shape.batch * shape.samples, sizes)
         slots = shape.seq_len - 1 + shape.new_tokens
         parts["kv_cache"] = 2 * config.n_layers * rows * slots * config.n_kv_heads * config.head_dim * 4
     parts["activations"] = _activations(config, task, sizes, shape)
@@ -139,7 +140,8 @@ def _activations(config: ModelConfig, task: str, sizes: dict[str, int], shape: S
       [R, T, (2H + 2K) h / m], the attention probabilities [R, H / m, T, T] and the MLP's three
       [R, T, F / m]; plus the logits and their log-softmax [R, T, V / m];
     extract: the captured last-token residuals [L, R, d]; generate: the prefill of B rows, then
-      per decode step the logits [R, V] and the sampler's sorted candidates.
+      per decode step the logits [R, V] and the sampler's sorted candidates, and with fsdp > 1
+      the embedding table gathered for the step's lookup [V / m, d].
     R = rows per device, T = tokens, m = the model axis' size.
     """
     m, c = sizes["model"], config
@@ -166,7 +168,8 @@ def _activations(config: ModelConfig, task: str, sizes: dict[str, int], shape: S
     rows = _per_device_rows(shape.batch * shape.samples, sizes)
     prefill = block(prompts, shape.seq_len)
     decode = block(rows, 1) + 3 * rows * c.vocab_size  # logits, their softmax, the sampler's sort
-    return int(4 * max(prefill, decode))
+    table = c.vocab_size * c.d_model / m if sizes["fsdp"] > 1 else 0
+    return int(4 * (max(prefill, decode) + table))
 
 
 def _block_weight_elements(c: ModelConfig) -> int:
