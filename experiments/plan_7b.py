@@ -52,7 +52,7 @@ def main() -> None:
             for size in (16, 32):
                 found = plan.smallest_mesh(config, task, size * plan.GIB, shape, max_devices=DEVICES, verify=verify)
                 cells.append("no mesh up to 64 devices" if found is None else
-                             f"{plan.mesh_text(found[0])} ({plan._devices(found[0])}): {plan.gib(found[1])} GiB")
+                             f"{plan.mesh_text(found[0])} ({plan.devices_text(found[0])}): {plan.gib(found[1])} GiB")
             print(f"| {spec} | {task} | {cells[0]} | {cells[1]} |", flush=True)
     print(f"\n({len(jax.devices())} fake CPU devices; {time.perf_counter() - t0:.0f} s; XLA figures: "
           "argument + output - aliased + temp bytes of the compiled program, per device)")

@@ -230,7 +230,7 @@ def _lower(config: ModelConfig, task: str, mesh: Mesh, shape: Shape):
                              n_samples=shape.samples, stop_ids=(config.eos_token_id or 0,), pad_id=0, mesh=mesh,
                              return_logits=False)
     from jtrust.training.lm import Examples, lm_loss
-    from jtrust.training.loop import TrainConfig, TrainState, _state_shardings, make_optimizer, make_train_step
+    from jtrust.training.loop import TrainConfig, TrainState, state_shardings, make_optimizer, make_train_step
     batch = -(-shape.batch // groups) * groups
     train_config = TrainConfig(steps=1, batch_size=batch)
     loss = lm_loss(config, train_config)
@@ -241,7 +241,7 @@ def _lower(config: ModelConfig, task: str, mesh: Mesh, shape: Shape):
         return grad.lower(params, examples)
     optimizer = make_optimizer(train_config)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(optimizer.init, params))
-    shardings = _state_shardings(state, optimizer, mesh)
+    shardings = state_shardings(state, optimizer, mesh)
     state = placed(state, shardings)
     micro = NamedSharding(mesh, PartitionSpec(None, *sharding.rows_spec(mesh)))
     examples = Examples(*(jax.ShapeDtypeStruct((1, batch, shape.seq_len), dtype, sharding=micro)
@@ -318,7 +318,7 @@ def report(spec: str, task: str, sizes: dict[str, int], shape: Shape = Shape(), 
     what = (f"{shape.batch} prompts x {shape.samples} samples, {shape.seq_len} prompt + {shape.new_tokens} new tokens"
             if task == "generate" else f"batch {shape.batch} x {shape.seq_len} tokens")
     weights = "float32" if task == "train" else shape.dtype
-    lines = [f"plan: {spec}, task {task}, mesh {mesh_text(sizes)} ({_devices(sizes)}), {what}, {weights} weights"]
+    lines = [f"plan: {spec}, task {task}, mesh {mesh_text(sizes)} ({devices_text(sizes)}), {what}, {weights} weights"]
     parts = estimate(config, task, sizes, shape)
     lines += [f"  {name:<12} {gib(parts[name]):>8} GiB per device" for name in (*PARTS, "total")]
     if compile:
@@ -335,11 +335,11 @@ def report(spec: str, task: str, sizes: dict[str, int], shape: Shape = Shape(), 
     for size in device_gib:
         found = smallest_mesh(config, task, int(size * GIB), shape, verify=verify)
         lines.append(f"  on {size:g} GiB devices: " + (
-            f"mesh {mesh_text(found[0])} ({_devices(found[0])}), {gib(found[1])} GiB per device"
+            f"mesh {mesh_text(found[0])} ({devices_text(found[0])}), {gib(found[1])} GiB per device"
             if found else "does not fit on up to 1024 devices"))
     return lines
 
 
-def _devices(sizes: dict[str, int]) -> str:
+def devices_text(sizes: dict[str, int]) -> str:
     n = math.prod(sizes.values())
     return f"{n} device" + ("s" if n > 1 else "")

@@ -243,19 +243,21 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
     import orbax.checkpoint as ocp
 
     optimizer = make_optimizer(config)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-
-    state_shardings = metric_sharding = batch_sharding = None
-    if mesh is not None:
+    init = lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t))
+    layout = metric_sharding = batch_sharding = None
+    if mesh is None:
+        state = init(trainable)
+    else:
         sharding.check_mesh(mesh)
         micro, groups = config.batch_size // config.accumulation, sharding.row_groups(mesh)
         if micro % groups:
             raise InputError(f"micro-batch {micro} does not split over the mesh's {groups} data x fsdp "
                              "devices; choose batch_size / accumulation divisible by it")
-        state_shardings = _state_shardings(state, optimizer, mesh)
+        layout = state_shardings(jax.eval_shape(init, trainable), optimizer, mesh)
         metric_sharding = NamedSharding(mesh, PartitionSpec())
         batch_sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.rows_spec(mesh)))  # [A, micro, ...]
-        state = distributed.place(state, state_shardings)
+        # the moments are made in their shards: never a whole copy on one device
+        state = jax.jit(init, out_shardings=layout)(distributed.place(trainable, layout.trainable))
         frozen = distributed.place(frozen, sharding.tree_shardings(frozen, mesh))
 
     save_steps = set(config.save_steps) | {config.steps}
@@ -274,7 +276,7 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
     start = start or 0
 
     step_fn = jax.jit(make_train_step(loss_fn, optimizer, post_update), donate_argnums=0,
-                      out_shardings=(state_shardings, metric_sharding) if mesh is not None else None)
+                      out_shardings=(layout, metric_sharding) if mesh is not None else None)
 
     def checkpoint(step: int, state: TrainState) -> None:
         if not (step in save_steps or (config.eval_every and step % config.eval_every == 0)):
@@ -325,7 +327,7 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
     return FitResult(state, out, metrics, end)
 
 
-def _state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh) -> TrainState:
     """Where each part of the state lives on `mesh`: the trainable tree by `jtrust.runtime.sharding`'s
     rules (decoder weights split over fsdp / model, anything else replicated), each optimizer
     moment like the parameter it belongs to, counters replicated."""

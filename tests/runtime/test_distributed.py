@@ -136,6 +136,13 @@ SHARDED_CHILD = textwrap.dedent("""
         tokens = jax.numpy.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % 200 + 3)
         result[name + "_activations"] = np.stack([jtrust.extract(model, ["a b c", "Trust, but verify."],
             pool="mean", mesh=mesh, progress=False).get("resid_post", l) for l in range(model.config.n_layers)])
+    from jtrust import training as T  # training on the same mesh: state split across the processes
+    examples = T.packed_examples(np.arange(40 * 17) % 200 + 3, seq_len=16)
+    run = T.train(model, examples, T.TrainConfig(steps=3, batch_size=8, learning_rate=3e-3, log_every=1),
+                  out + "/train", progress=False, mesh=mesh)
+    result["train_loss"] = [m["loss"] for m in run.metrics if m["kind"] == "train"]
+    for key, value in jax.tree_util.tree_leaves_with_path(distributed.to_host(run.model.params)):
+        result["train" + jax.tree_util.keystr(key)] = value
     start = read_bytes()
     jtrust.load(hf_dir, cache=False)  # the whole checkpoint, for comparison
     result["whole_bytes"] = read_bytes() - start
@@ -143,9 +150,10 @@ SHARDED_CHILD = textwrap.dedent("""
 """)
 
 
-def test_two_processes_load_only_their_slices(tmp_path):
+def test_two_processes_load_only_their_slices_and_train_on_them(tmp_path):
     """Each of two processes reads about half of the checkpoint (a safetensors directory by
-    byte ranges, a jtrust directory by orbax chunks) and together they hold the whole model."""
+    byte ranges, a jtrust directory by orbax chunks); together they hold the whole model, extract
+    as one process does, and train it (state split across them) to one process's losses."""
     from jtrust.io import params as params_io
     checkpoint = tmp_path / "llama"
     make_tiny_hf_dir(checkpoint, "llama")
@@ -164,6 +172,10 @@ def test_two_processes_load_only_their_slices(tmp_path):
                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
     model = jtrust.load(checkpoint, cache=False)
     reference = jtrust.extract(model, ["a b c", "Trust, but verify."], pool="mean", progress=False)
+    from jtrust import training as T
+    examples = T.packed_examples(np.arange(40 * 17) % 200 + 3, seq_len=16)
+    trained = T.train(model, examples, T.TrainConfig(steps=3, batch_size=8, learning_rate=3e-3, log_every=1),
+                      tmp_path / "train_one", progress=False)
     for child in children:
         _, err = child.communicate(timeout=600)
         assert child.returncode == 0, err[-3000:]
@@ -178,3 +190,7 @@ def test_two_processes_load_only_their_slices(tmp_path):
                 np.testing.assert_array_equal(r[name + jax.tree_util.keystr(key)], np.asarray(value))
             want = np.stack([reference.get("resid_post", l) for l in range(model.config.n_layers)])
             np.testing.assert_allclose(r[name + "_activations"], want, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(r["train_loss"], [m["loss"] for m in trained.metrics if m["kind"] == "train"],
+                                   rtol=1e-5)
+        for key, value in jax.tree_util.tree_leaves_with_path(trained.model.params):
+            np.testing.assert_allclose(r["train" + jax.tree_util.keystr(key)], np.asarray(value), atol=3e-3)
