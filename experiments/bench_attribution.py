@@ -22,7 +22,7 @@ once the model is loaded, before any attribution) with all cores. Each first run
   scores   jtrust: query gradients, preconditioning, dot products with the kept training
            gradients; kronfluence: query gradients, preconditioning, a third pass over the
            training rows.
-Prints the CPU, the same-run float32 matmul peak (`bench_engine.matmul_peak`), each phase's wall
+Prints the CPU, the same-run float32 matmul peak (`benchlib.matmul_peak`), each phase's wall
 time, the speed-up (kronfluence time / jtrust time), the Spearman correlation of the two [M, N]
 score matrices, and jtrust's phases as fractions of the peak. FLOPs counted for jtrust: the usual
 6 x params per token of a forward + backward plus 12 L T d for attention (as bench_train; jtrust's
@@ -60,20 +60,6 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,14 +269,12 @@ def main() -> None:
         pathlib.Path(args.result).write_text(json.dumps(result))
         return
 
-    import jax
     import scipy.stats
-    import torch
     sys.path.insert(0, str(HERE))
-    from bench_engine import matmul_peak
+    import benchlib
+    from benchlib import matmul_peak
 
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
-          f"jax {jax.__version__}, torch {torch.__version__}")
+    print(benchlib.machine_line(benchlib.machine()))
     peak, who = matmul_peak(args.repeats)
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({who})")
 

@@ -3,14 +3,15 @@
     python experiments/bench_engine.py [--repeats 3]
 
 Prints
-  * this machine's float32 matmul peak (best of JAX and torch over a few sizes),
+  * the machine (CPU model, flags) and its matmul peaks (`benchlib.Peaks`: JAX and torch,
+    float32 and bfloat16, square and the model's shapes, sampled three times through the run),
   * extraction: all 30 layers' residual stream for 16 x 128 tokens; jtrust's jitted
     forward vs transformers with output_hidden_states=True (same GGUF file,
     dequantized to float32 by each), both the causal LM (the usual recipe, which
     also computes logits) and its base model (exactly jtrust's work); tokens/s,
     ratios, fraction of the peak,
   * generation: batch 16, 64 new tokens, sampling (T = 1, top-p 0.9); jtrust's
-    compiled decode loop vs transformers `generate`, new tokens/s and ratio.
+    compiled decode loop vs transformers `generate`, new tokens/s, ratio, fraction of the peak.
 Both sides use the same number of threads (all cores). Compilation / warm-up
 runs are excluded; every figure is the best of --repeats timed runs.
 """
@@ -20,10 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
+import pathlib
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -32,31 +33,9 @@ from jtrust.data import load_texts
 from jtrust.io.loading import embedded_gguf_path
 from jtrust.models.decoder import Capture
 
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def matmul_peak(repeats: int) -> tuple[float, str]:
-    """Best float32 GFLOP/s of a square matmul, over sizes and over JAX / torch."""
-    best, who = 0.0, ""
-    for n in (1024, 2048, 3072):
-        a = jnp.asarray(np.random.rand(n, n), jnp.float32)
-        mm = jax.jit(lambda x, y: x @ y)
-        t = best_time(lambda: mm(a, a).block_until_ready(), repeats)
-        if 2 * n**3 / t > best:
-            best, who = 2 * n**3 / t, f"jax {n}"
-        ta = torch.rand(n, n)
-        t = best_time(lambda: ta @ ta, repeats)
-        if 2 * n**3 / t > best:
-            best, who = 2 * n**3 / t, f"torch {n}"
-    return best / 1e9, who
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import benchlib  # noqa: E402
+from benchlib import best_time  # noqa: E402
 
 
 def forward_flops_per_token(c, seq_len: int) -> float:
@@ -77,62 +56,45 @@ def benchmark_tokens(tokenizer, batch: int, length: int) -> np.ndarray:
     return np.asarray(ids[: batch * length], np.int32).reshape(batch, length)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
-    print(f"machine: {threads} cores; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-
-    peak, peak_src = matmul_peak(args.repeats)
-    print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({peak_src})")
-
-    model = jtrust.load("smollm2")
-    c = model.config
-    tokens = benchmark_tokens(model.tokenizer, args.batch, args.length)
-    mask = np.ones_like(tokens)
-    n_tok = tokens.size
-    flops = forward_flops_per_token(c, args.length) * n_tok
-
+def load_peers():
+    """The embedded model in jtrust and in transformers (the same GGUF file, float32)."""
     import transformers
+    model = jtrust.load("smollm2")
     gguf = embedded_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                            dtype=torch.float32).eval()
+    return model, hf
 
+
+def extraction(model, hf, batch: int, length: int, repeats: int) -> dict:
+    """Seconds to extract every layer's residual stream of batch x length tokens: jtrust, the
+    transformers causal LM with hidden states (the usual recipe), its base model; and the FLOPs."""
+    c = model.config
+    tokens = benchmark_tokens(model.tokenizer, batch, length)
+    mask = np.ones_like(tokens)
     capture = Capture(("resid_post",), "all")
     jt = lambda: jax.block_until_ready(model.apply(tokens, mask, capture=capture, logits=False).captures)
-    t_jt = best_time(jt, args.repeats)
     t_ids, t_mask = torch.tensor(tokens, dtype=torch.long), torch.tensor(mask)
+    out = dict(jtrust=best_time(jt, repeats), tokens=tokens.size,
+               flops=forward_flops_per_token(c, length) * tokens.size)
     with torch.inference_mode():
-        # the usual recipe (and TracingLLM's): the causal LM with output_hidden_states=True
-        t_hf = best_time(lambda: hf(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True),
-                         args.repeats)
-        # the stricter peer: the same minus the unembedding, i.e. exactly jtrust's work
-        t_hf_base = best_time(lambda: hf.model(input_ids=t_ids, attention_mask=t_mask,
-                                               output_hidden_states=True), args.repeats)
-    print(f"\nextraction, {c.n_layers} layers, {args.batch} x {args.length} tokens "
-          f"({flops / n_tok / 1e6:.0f} MFLOP/token of blocks; GFLOP/s counts these for every row):")
-    rows = (("jtrust", t_jt), ("transformers CausalLM", t_hf), ("transformers base model", t_hf_base))
-    for name, t in rows:
-        print(f"  {name:24s} {n_tok / t:8.0f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  "
-              f"{flops / t / 1e9 / peak:5.1%} of peak")
-    print(f"  ratio jtrust / transformers CausalLM: {t_hf / t_jt:.2f}x; "
-          f"jtrust / transformers base model: {t_hf_base / t_jt:.2f}x")
+        out["transformers"] = best_time(lambda: hf(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True),
+                                        repeats)
+        out["transformers_base"] = best_time(lambda: hf.model(input_ids=t_ids, attention_mask=t_mask,
+                                                              output_hidden_states=True), repeats)
+    return out
 
+
+def generation(model, hf, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Seconds to sample new_tokens for each of `batch` chat prompts (T = 1, top-p 0.9), jtrust's
+    decode loop and transformers `generate`, and the FLOPs of the decode steps."""
     tok = model.tokenizer
     no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
     questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
-    prompts = [tok.chat(q) for q in questions[: args.batch]]
+    prompts = [tok.chat(q) for q in questions[:batch]]
     sampling = jtrust.Sampling(temperature=1.0, top_p=0.9)
     keys = iter(jax.random.split(jax.random.key(0), 100))
-    jt_gen = lambda: jtrust.generate(no_stop, prompts, max_new_tokens=args.new_tokens, key=next(keys),
-                                     sampling=sampling)
-    t_jt = best_time(jt_gen, args.repeats)
+    jt_gen = lambda: jtrust.generate(no_stop, prompts, max_new_tokens=new_tokens, key=next(keys), sampling=sampling)
     hf_tok = [tok.encode(p) for p in prompts]
     ids, am = jtrust.models.tokenizer.pad(hf_tok, tok.pad_id, side="left")
     ids, am = torch.tensor(ids, dtype=torch.long), torch.tensor(am)
@@ -140,15 +102,55 @@ def main():
     def hf_gen():
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=1.0, top_p=0.9,
-                              top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               pad_token_id=tok.pad_id)
-        assert out.shape[1] == ids.shape[1] + args.new_tokens
-    t_hf = best_time(hf_gen, args.repeats)
-    n_new = args.batch * args.new_tokens
+        assert out.shape[1] == ids.shape[1] + new_tokens
+    return dict(jtrust=best_time(jt_gen, repeats), transformers=best_time(hf_gen, repeats),
+                new_tokens=batch * new_tokens,
+                flops=decode_flops(model.config, batch, ids.shape[1], new_tokens))
+
+
+def decode_flops(c, rows: int, prompt: int, new_tokens: int) -> float:
+    """Matmul FLOPs of the decode steps: every block and the unembedding for each row and new
+    token, attention over the slots filled so far (the prompt's prefill is left out)."""
+    unembed = 2 * c.d_model * c.vocab_size
+    return sum(forward_flops_per_token(c, prompt + t) + unembed for t in range(new_tokens)) * rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    print(benchlib.machine_line(benchlib.machine()))
+    peaks = benchlib.Peaks()
+    peaks.sample()
+    model, hf = load_peers()
+    c = model.config
+    e = extraction(model, hf, args.batch, args.length, args.repeats)
+    peaks.sample()
+    g = generation(model, hf, args.batch, args.new_tokens, args.repeats)
+    peaks.sample()
+    peak = peaks.best()
+    print("\n".join(peaks.table()))
+    print(f"float32 peak (best sample): {peak:.1f} GFLOP/s")
+    print(f"\nextraction, {c.n_layers} layers, {args.batch} x {args.length} tokens "
+          f"({e['flops'] / e['tokens'] / 1e6:.0f} MFLOP/token of blocks; GFLOP/s counts these for every row):")
+    for name in ("jtrust", "transformers", "transformers_base"):
+        t = e[name]
+        print(f"  {name:24s} {e['tokens'] / t:8.0f} tokens/s  {e['flops'] / t / 1e9:6.1f} GFLOP/s  "
+              f"{e['flops'] / t / 1e9 / peak:5.1%} of peak")
+    print(f"  ratio jtrust / transformers CausalLM: {e['transformers'] / e['jtrust']:.2f}x; "
+          f"jtrust / transformers base model: {e['transformers_base'] / e['jtrust']:.2f}x")
     print(f"\ngeneration, batch {args.batch}, {args.new_tokens} new tokens, sampling T=1 top-p 0.9:")
-    for name, t in (("jtrust", t_jt), ("transformers", t_hf)):
-        print(f"  {name:13s} {n_new / t:8.0f} new tokens/s  ({t:.2f} s)")
-    print(f"  ratio jtrust / transformers: {t_hf / t_jt:.2f}x")
+    for name in ("jtrust", "transformers"):
+        t = g[name]
+        print(f"  {name:13s} {g['new_tokens'] / t:8.0f} new tokens/s  ({t:.2f} s)  "
+              f"{g['flops'] / t / 1e9:6.1f} GFLOP/s  {g['flops'] / t / 1e9 / peak:5.1%} of peak")
+    print(f"  ratio jtrust / transformers: {g['transformers'] / g['jtrust']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import time
 import warnings
 from typing import NamedTuple
 
-import jax
 import numpy as np
 import threadpoolctl
 from sklearn.exceptions import ConvergenceWarning
@@ -52,7 +51,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 import jtrust
-from bench_engine import matmul_peak
+import benchlib  # noqa: E402
+from benchlib import matmul_peak
 from jtrust.analysis import mi
 from jtrust.data import TRUST_DATASETS, load_texts
 from jtrust.runtime.extract import dataset_hash, extract, load_activations
@@ -378,8 +378,7 @@ def main():
     parser.add_argument("--nhsic-n", type=int, default=2000)
     args = parser.parse_args()
     parts = args.parts.split(",")
-    print(f"machine: {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].platform}; "
-          f"{load_line()}")
+    print(f"{benchlib.machine_line(benchlib.machine())}; {load_line()}")
     peak, peak_src = matmul_peak(args.repeats)
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({peak_src})")
     if "probe" in parts:

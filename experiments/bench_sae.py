@@ -23,7 +23,7 @@ the same for every side: 10 B d F (forward encoder and decoder, 2 B d F each; ba
 decoder's input and weight gradients and the encoder's weight gradient; the input needs none).
 Prints the CPU; ms/step (best and median round), steps/s and GFLOP/s of each side; fractions of
 two peaks: the same-run float32 2048 x 2048 JAX matmul (measured between the rounds, the best
-counts: the rate jtrust's XLA reaches on one dense product) and `bench_engine.matmul_peak` (the
+counts: the rate jtrust's XLA reaches on one dense product) and `benchlib.matmul_peak` (the
 other benchmarks' peak, the best of JAX and torch over sizes; here torch's MKL matmul is faster
 than XLA's); and jtrust's speed-up over the others. The machine may be shared: the load average
 is printed with each figure.
@@ -188,7 +188,7 @@ def jax_matmul_rate(repeats: int = 3) -> float:
     """GFLOP/s of a float32 2048 x 2048 JAX matmul (best of repeats): the peak jtrust's XLA reaches."""
     import jax
     import jax.numpy as jnp
-    from bench_engine import best_time
+    from benchlib import best_time
     a = jnp.asarray(np.random.default_rng(0).random((2048, 2048)), jnp.float32)
     mm = jax.jit(lambda u: u @ u)
     return 2 * 2048 ** 3 / best_time(lambda: mm(a).block_until_ready(), repeats) / 1e9
@@ -219,7 +219,8 @@ def main() -> None:
     # each repeat is a fresh `train_saes` call: its step program compiles once, then comes from this cache
     jax.config.update("jax_compilation_cache_dir", str(work / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    from bench_engine import matmul_peak
+    import benchlib
+    from benchlib import matmul_peak
     from jtrust.analysis import sae
 
     have_sae_lens = False
@@ -255,8 +256,9 @@ def main() -> None:
 
     peak = max(peaks)  # the same-run peak: the best 2048 x 2048 float32 JAX matmul between the rounds
     machine, who = matmul_peak(3)  # the other benchmarks' peak: best of JAX and torch over sizes
+    print(benchlib.machine_line(benchlib.machine()))
     print(f"peak: JAX float32 2048 x 2048 matmul {peak:.1f} GFLOP/s (best of {len(peaks)} measurements between "
-          f"the rounds; median {np.median(peaks):.1f}); best of JAX and torch (bench_engine.matmul_peak) "
+          f"the rounds; median {np.median(peaks):.1f}); best of JAX and torch (benchlib.matmul_peak) "
           f"{machine:.1f} GFLOP/s ({who})")
     print(f"{'SAE':16s} {'side':9s} {'ms/step':>9s} {'median':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s}"
           f" {'of best':>8s}  jtrust speed-up")

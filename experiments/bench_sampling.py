@@ -8,7 +8,8 @@ at a time (chat-rendered TruthfulQA questions):
   jtrust        `jtrust.generate(model, [prompt], n_samples=n)`: one prefill, the cache
                 repeated n times, one compiled decode loop
   transformers  `model.generate(..., do_sample=True, num_return_sequences=n)`
-Prints samples/s for each side and their ratio (best of --repeats per prompt, summed).
+Prints the machine and its matmul peaks (`benchlib`), samples/s for each side, their ratio (best of
+--repeats per prompt, summed) and the decode steps' FLOP rate as a fraction of the peak.
 """
 
 from __future__ import annotations
@@ -24,10 +25,44 @@ import torch
 
 import jtrust
 from jtrust.data import load_texts
-from jtrust.io.loading import embedded_gguf_path
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench_engine import best_time  # noqa: E402
+import benchlib  # noqa: E402
+from benchlib import best_time  # noqa: E402
+
+
+def sampling(model, hf, prompts: int, n: int, new_tokens: int, repeats: int) -> dict:
+    """Seconds for n samples x new_tokens of each of `prompts` chat prompts (T = 1, top-p 0.9):
+    jtrust (one prefill, n rows decoded together) and transformers `generate`; and the FLOPs."""
+    from bench_engine import decode_flops
+    tok = model.tokenizer
+    no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
+    questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
+    texts = [tok.chat(q) for q in questions[:prompts]]
+    rule = jtrust.Sampling(temperature=1.0, top_p=0.9)
+    pad = max(len(tok.encode(p)) for p in texts)  # one compiled program for every prompt
+    out = dict(jtrust=0.0, transformers=0.0, samples=prompts * n, new_tokens=prompts * n * new_tokens, flops=0.0)
+    for i, prompt in enumerate(texts):
+        key = iter(jax.random.split(jax.random.key(i), 100))
+
+        def jt():
+            result = jtrust.generate(no_stop, [prompt], max_new_tokens=new_tokens, key=next(key),
+                                     sampling=rule, n_samples=n, pad_prompts_to=pad)
+            assert result.lengths.min() == new_tokens
+
+        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+
+        def hft():
+            with torch.inference_mode():
+                result = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=1.0, top_p=0.9, top_k=0, num_return_sequences=n,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.pad_id)
+            assert result.shape == (n, ids.shape[1] + new_tokens)
+
+        out["jtrust"] += best_time(jt, repeats)
+        out["transformers"] += best_time(hft, repeats)
+        out["flops"] += decode_flops(model.config, n, ids.shape[1], new_tokens)
+    return out
 
 
 def main():
@@ -38,46 +73,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    print(f"machine: {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads")
-    model = jtrust.load("smollm2")
-    tok = model.tokenizer
-    no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
-    questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
-    prompts = [tok.chat(q) for q in questions[: args.prompts]]
-    sampling = jtrust.Sampling(temperature=1.0, top_p=0.9)
-
-    import transformers
-    gguf = embedded_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                           dtype=torch.float32).eval()
-    pad = max(len(tok.encode(p)) for p in prompts)  # one compiled program for every prompt
-    t_jt = t_hf = 0.0
-    for i, prompt in enumerate(prompts):
-        key = iter(jax.random.split(jax.random.key(i), 100))
-
-        def jt():
-            out = jtrust.generate(no_stop, [prompt], max_new_tokens=args.new_tokens, key=next(key),
-                                  sampling=sampling, n_samples=args.n, pad_prompts_to=pad)
-            assert out.lengths.min() == args.new_tokens
-
-        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-
-        def hft():
-            with torch.inference_mode():
-                out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                  temperature=1.0, top_p=0.9, top_k=0, num_return_sequences=args.n,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  pad_token_id=tok.pad_id)
-            assert out.shape == (args.n, ids.shape[1] + args.new_tokens)
-
-        t_jt += best_time(jt, args.repeats)
-        t_hf += best_time(hft, args.repeats)
-    samples = args.prompts * args.n
-    print(f"{args.prompts} prompts x n = {args.n} samples x {args.new_tokens} tokens, T = 1, top-p 0.9:")
-    for name, t in (("jtrust", t_jt), ("transformers", t_hf)):
-        print(f"  {name:13s} {samples / t:7.2f} samples/s  {samples * args.new_tokens / t:7.0f} tokens/s  ({t:.1f} s)")
-    print(f"  ratio jtrust / transformers: {t_hf / t_jt:.2f}x (target 3x)")
+    print(benchlib.machine_line(benchlib.machine()))
+    peaks = benchlib.Peaks()
+    peaks.sample()
+    from bench_engine import load_peers
+    model, hf = load_peers()
+    r = sampling(model, hf, args.prompts, args.n, args.new_tokens, args.repeats)
+    peaks.sample()
+    peak = peaks.best()
+    print("\n".join(peaks.table()))
+    print(f"{args.prompts} prompts x n = {args.n} samples x {args.new_tokens} tokens, T = 1, top-p 0.9 "
+          f"(float32 peak {peak:.1f} GFLOP/s):")
+    for name in ("jtrust", "transformers"):
+        t = r[name]
+        print(f"  {name:13s} {r['samples'] / t:7.2f} samples/s  {r['new_tokens'] / t:7.0f} tokens/s  ({t:.1f} s)  "
+              f"{r['flops'] / t / 1e9:6.1f} GFLOP/s  {r['flops'] / t / 1e9 / peak:5.1%} of peak")
+    print(f"  ratio jtrust / transformers: {r['transformers'] / r['jtrust']:.2f}x (target 3x)")
 
 
 if __name__ == "__main__":

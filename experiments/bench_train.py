@@ -7,8 +7,9 @@ same initial weights on the same random token batches (batch x seq_len from the 
   jtrust   `jtrust.training.make_train_step` (AdamW, global-norm clip 1.0), jitted
   pytorch  transformers `LlamaForCausalLM` (its default sdpa attention, the usual recipe), torch.optim.AdamW with the
            same hyper-parameters and clip, `torch.nn.functional.cross_entropy`
-Prints tokens/s for each, the ratio, and each side's FLOP rate as a fraction of this machine's
-float32 matmul peak (best of JAX and torch square matmuls). FLOPs per step are the usual model count,
+Prints the machine (CPU model and flags), tokens/s for each, the ratio, and each side's FLOP rate
+as a fraction of this machine's float32 matmul peak (`benchlib.Peaks`: JAX and torch, square and
+the model's shapes, sampled before and after). FLOPs per step are the usual model count,
 6 N per token plus 12 L T d for attention, used for both sides: the same model, batch and
 optimizer. Every figure is the best of --repeats timed runs of --steps steps after warm-up.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench_engine import matmul_peak  # noqa: E402
+import benchlib  # noqa: E402
 
 from jtrust import training as T  # noqa: E402
 from jtrust.models.config import ModelConfig  # noqa: E402
@@ -67,24 +67,11 @@ def time_steps(run_step, steps: int, repeats: int) -> float:
     return best / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/configs/pretrain_tiny.json")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    cfg = json.loads(pathlib.Path(args.config).read_text())
-    c = model_config(cfg)
-    batch, seq = cfg["train"]["batch_size"], cfg["model"]["seq_len"]
+def run(c: ModelConfig, batch: int, seq: int, steps: int, repeats: int, peak: float) -> dict:
+    """Seconds per step of jtrust and of the PyTorch loop, and the FLOPs per step."""
     tokens_per_step = batch * seq
-    print(f"bench_train: {jax.device_count()} JAX device(s), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    peak, who = matmul_peak(3)
-    print(f"matmul peak: {peak:.1f} GFLOP/s ({who})")
-
     ids = np.random.default_rng(0).integers(0, c.vocab_size, (batch, seq + 1)).astype(np.int32)
-    examples = T.Examples(ids[:, :-1], np.ones((batch, seq), np.int32), ids[:, 1:],
-                          np.ones((batch, seq), np.float32))
+    examples = T.Examples(ids[:, :-1], np.ones((batch, seq), bool), ids[:, 1:], np.ones((batch, seq), np.float32))
 
     tm = torch_model(c)
     params = hf_to_params({k: v.detach().numpy() for k, v in tm.state_dict().items()}, c)
@@ -92,18 +79,16 @@ def main() -> None:
     config = T.TrainConfig(steps=1000, batch_size=batch, learning_rate=1e-3, schedule="constant",
                            weight_decay=0.1)
     optimizer = T.make_optimizer(config)
-    step = jax.jit(T.make_train_step(c, config, optimizer), donate_argnums=0)
+    step = jax.jit(T.make_train_step(T.lm_loss(c, config), optimizer), donate_argnums=0)
     state = T.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.asarray, params), optimizer.init(params))
+    frozen = {"base": None, "reference": None}
     micro = T.Examples(*(jnp.asarray(a)[None] for a in examples))
-    # the usual model-FLOPs count (6 N per token for the matrices, 12 L T d for attention);
-    # XLA's cost analysis counts a scanned body once, not once per layer, so it undercounts
-    xla_flops = step.lower(state, None, None, micro).compile().cost_analysis()
-    xla_flops = (xla_flops[0] if isinstance(xla_flops, list) else xla_flops)["flops"]
+    # the usual model-FLOPs count: 6 N per token for the matrices, 12 L T d for attention
     flops = (6 * n_params + 12 * c.n_layers * seq * c.d_model) * tokens_per_step
 
     def jtrust_step():
         nonlocal state
-        state, metrics = step(state, None, None, micro)
+        state, metrics = step(state, frozen, micro)
         metrics["loss"].block_until_ready()
 
     decay = [p for n, p in tm.named_parameters() if "norm" not in n]
@@ -120,16 +105,32 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
         opt.step()
 
-    t_jtrust = time_steps(jtrust_step, args.steps, args.repeats)
-    t_torch = time_steps(torch_step, args.steps, args.repeats)
+    t_jtrust = time_steps(jtrust_step, steps, repeats)
+    t_torch = time_steps(torch_step, steps, repeats)
     print(f"model: {n_params / 1e6:.2f}M parameters, d={c.d_model}, {c.n_layers} layers, vocab {c.vocab_size}; "
-          f"batch {batch} x {seq} = {tokens_per_step} tokens/step; 6N + 12 L T d = {flops / 1e9:.1f} "
-          f"GFLOP/step (XLA's count of the scanned program: {xla_flops / 1e9:.1f})")
+          f"batch {batch} x {seq} = {tokens_per_step} tokens/step; 6N + 12 L T d = {flops / 1e9:.1f} GFLOP/step")
     for name, t in (("jtrust", t_jtrust), ("pytorch", t_torch)):
         print(f"{name:8s} {t * 1e3:8.1f} ms/step  {tokens_per_step / t:8.0f} tokens/s  "
               f"{flops / t / 1e9:6.1f} GFLOP/s = {flops / t / 1e9 / peak:5.1%} of peak")
     print(f"ratio: jtrust {t_torch / t_jtrust:.2f}x PyTorch (target 1.2x); "
-          f"jtrust at {flops / t_jtrust / 1e9 / peak:.1%} of peak (target 40%)")
+          f"jtrust at {flops / t_jtrust / 1e9 / peak:.1%} of peak (target 65%)")
+    return dict(jtrust=t_jtrust, torch=t_torch, flops=flops, tokens=tokens_per_step, n_params=n_params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="experiments/configs/pretrain_tiny.json")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg = json.loads(pathlib.Path(args.config).read_text())
+    print(benchlib.machine_line(benchlib.machine()))
+    peaks = benchlib.Peaks()
+    peaks.sample()
+    run(model_config(cfg), cfg["train"]["batch_size"], cfg["model"]["seq_len"], args.steps, args.repeats, peaks.best())
+    peaks.sample()
+    print("\n".join(peaks.table()))
+    print(f"peak (best float32 sample): {peaks.best():.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ def test_kv_cache_is_the_closed_form():
 
 def test_estimates_agree_with_xla_on_smollm2_meshes():
     """Arguments are exactly the parameters (and Adam's moments) plus the inputs; the estimated
-    total is within a third of XLA's for every task on data, fsdp and fsdp x model meshes."""
+    total is within a third of XLA's for every task on data x fsdp and fsdp x model meshes."""
     shape = dict(batch=4, seq_len=64, samples=4, new_tokens=8)
-    meshes = [dict(data=4, fsdp=1, model=1), dict(data=2, fsdp=2, model=1), dict(data=1, fsdp=2, model=2)]
+    meshes = [dict(data=2, fsdp=2, model=1), dict(data=1, fsdp=2, model=2)]  # a data-only mesh replicates: one device's parts
     cases = [("smollm2", task, sizes, shape) for task in plan.TASKS for sizes in meshes]
     for (_, task, sizes, _), r in zip(cases, compile_in_child(cases, 4)):
         e, x = r["estimate"], r["xla"]

@@ -1,0 +1,225 @@
+"""Where the time goes: per-phase roofline tables of a decode step and of a training step.
+
+    python experiments/bench_phases.py [--rows 16 128] [--repeats 5]
+
+Decode step of the embedded model (R rows, S cache slots), each phase on its own with the
+step's shapes, all 30 layers: the q/k/v/o projections, attention over the cache, the MLP, the
+unembedding [R, d] x [d, V], and top-p sampling; then jtrust's whole step (the cached forward
+and the sampler, one compiled program). Training step of the pre-training config's model (batch
+x seq_len tokens): forward (loss) and forward + backward of jtrust's loss, then the block parts
+on their own (attention and MLP sub-blocks over all layers, the head: final norm, unembedding,
+cross-entropy), each forward and forward + backward, then the AdamW update, then the whole step
+(`make_train_step`). FLOPs are matrix products only (backward = 2 x forward); the rest of a
+phase's time (norms, softmax, masks, layouts) shows as a lower rate. The "rest" row is the whole
+minus the phases' sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import benchlib  # noqa: E402
+
+import jtrust  # noqa: E402
+from jtrust import training as T  # noqa: E402
+from jtrust.models.decoder import forward, init_cache, init_params  # noqa: E402
+from jtrust.runtime.generate import Sampling, _sample  # noqa: E402
+
+
+def _time(fn, *args, repeats: int) -> float:
+    return benchlib.best_time(lambda: jax.block_until_ready(fn(*args)), repeats)
+
+
+def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple[str, float | None, float]]:
+    """(phase, FLOPs, seconds) of one decode step with `rows` rows and `slots` cache slots."""
+    c, p = model.config, model.params
+    blocks = p["blocks"]
+    R, S, L, d, H, K, h, F, V = rows, slots, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size
+    x = jax.random.normal(jax.random.key(0), (R, d))
+
+    @jax.jit
+    def projections(blocks, x):
+        def body(hid, w):
+            a = w["attn"]
+            q, k, v = hid @ a["q"]["kernel"], hid @ a["k"]["kernel"], hid @ a["v"]["kernel"]
+            return hid + 1e-3 * (q @ a["o"]["kernel"]) + 1e-9 * (k.sum() + v.sum()), None
+        return jax.lax.scan(body, x, blocks)[0]
+
+    @jax.jit
+    def attention(q, k, v):  # q [L, R, K, G, h]; k, v [L, R, S, K, h]: the cache's layout
+        def body(acc, qkv):
+            q, k, v = qkv
+            scores = jnp.einsum("rkgh,rskh->rkgs", q, k) / np.sqrt(h)
+            return acc + jnp.einsum("rkgs,rskh->rkgh", jax.nn.softmax(scores, -1), v).sum(), None
+        return jax.lax.scan(body, 0.0, (q, k, v))[0]
+
+    @jax.jit
+    def mlps(blocks, x):
+        def body(hid, w):
+            m = w["mlp"]
+            return hid + 1e-3 * ((jax.nn.silu(hid @ m["gate"]["kernel"]) * (hid @ m["up"]["kernel"])) @ m["down"]["kernel"]), None
+        return jax.lax.scan(body, x, blocks)[0]
+
+    table = p["embed"]["embedding"] if c.tie_embeddings else p["lm_head"]["kernel"].T
+    unembed = jax.jit(lambda x, e: x @ e.T)
+    keys = jax.random.split(jax.random.key(1), R)
+    sample = jax.jit(lambda logits, keys: _sample(logits, keys, Sampling(1.0, top_p=0.9)))
+    logits = unembed(x, table) * 10
+
+    q = jax.random.normal(jax.random.key(2), (L, R, K, H // K, h))
+    kv = jax.random.normal(jax.random.key(3), (L, R, S, K, h))
+    tokens, mask = jnp.ones((R, 1), jnp.int32), jnp.ones((R, 1), bool)
+    cache = init_cache(c, R, S)._replace(valid=jnp.ones((R, S), bool))
+    index = S // 2
+
+    @functools.partial(jax.jit, donate_argnums=1)  # the cache is written in place, as in the decode loop
+    def whole(params, cache, keys):
+        out = forward(params, tokens, mask, config=c, cache=cache, cache_index=index,
+                      positions=jnp.full((R, 1), index))
+        return _sample(out.logits[:, 0], keys, Sampling(1.0, top_p=0.9)), out.cache
+
+    def step():
+        nonlocal cache
+        token, cache = whole(p, cache, keys)
+        return token
+
+    phases = [
+        ("q/k/v/o projections", 2 * R * L * (d * (H + 2 * K) * h + H * h * d), _time(projections, blocks, x, repeats=repeats)),
+        (f"attention over {S} slots", 4 * R * L * S * H * h, _time(attention, q, kv, kv, repeats=repeats)),
+        ("MLP", 2 * R * L * 3 * d * F, _time(mlps, blocks, x, repeats=repeats)),
+        ("unembedding", 2 * R * d * V, _time(unembed, x, table, repeats=repeats)),
+        ("top-p sampling", None, _time(sample, logits, keys, repeats=repeats)),
+    ]
+    t_whole = _time(step, repeats=repeats)
+    flops = sum(f or 0 for _, f, _ in phases)
+    return phases + [("rest (norms, rope, cache writes, loop)", None, max(t_whole - sum(t for *_, t in phases), 0.0)),
+                     ("whole decode step", flops, t_whole)]
+
+
+def train_phases(c, batch: int, seq: int, repeats: int) -> list[tuple[str, float | None, float]]:
+    """(phase, FLOPs, seconds) of one training step of the config `c` on batch x seq tokens."""
+    params = init_params(c, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, c.vocab_size, (batch, seq + 1)).astype(np.int32)
+    ex = T.Examples(jnp.asarray(ids[:, :-1]), jnp.ones((batch, seq), bool), jnp.asarray(ids[:, 1:]),
+                    jnp.ones((batch, seq), jnp.float32))
+    config = T.TrainConfig(steps=1000, batch_size=batch, learning_rate=1e-3, schedule="constant", weight_decay=0.1)
+    loss = T.lm_loss(c, config)
+    frozen = {"base": None, "reference": None}
+    loss_only = jax.jit(lambda p, b: loss(p, frozen, b)[0])
+    grads = jax.jit(jax.grad(lambda p, b: loss(p, frozen, b)[0]))
+
+    L, d, H, K, h, F, V, N = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size, batch * seq
+    blocks = params["blocks"]
+    x = jax.random.normal(jax.random.key(1), (batch, seq, d))
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+
+    def rms(x, scale):
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * scale
+
+    def attention_part(blocks, x):
+        def body(hid, w):
+            a = w["attn"]
+            n = rms(hid, w["ln1"]["scale"])
+            q = (n @ a["q"]["kernel"]).reshape(batch, seq, K, H // K, h)
+            k = (n @ a["k"]["kernel"]).reshape(batch, seq, K, h)
+            v = (n @ a["v"]["kernel"]).reshape(batch, seq, K, h)
+            s = jnp.einsum("btkgh,bskh->bkgts", q, k) / np.sqrt(h)
+            s = jnp.where(causal, s, -1e9)
+            o = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v).reshape(batch, seq, H * h)
+            return hid + o @ a["o"]["kernel"], None
+        return jax.lax.scan(body, x, blocks)[0].sum()
+
+    def mlp_part(blocks, x):
+        def body(hid, w):
+            m = w["mlp"]
+            n = rms(hid, w["ln2"]["scale"])
+            return hid + (jax.nn.silu(n @ m["gate"]["kernel"]) * (n @ m["up"]["kernel"])) @ m["down"]["kernel"], None
+        return jax.lax.scan(body, x, blocks)[0].sum()
+
+    table = params["embed"]["embedding"] if c.tie_embeddings else params["lm_head"]["kernel"].T
+
+    def head_part(table, x):
+        logits = rms(x, 1.0) @ table.T
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ex.targets[..., None], -1).sum()
+
+    optimizer = T.make_optimizer(config)
+    opt_state = optimizer.init(params)
+    g = grads(params, ex)
+
+    @jax.jit
+    def update(g, opt_state, params):
+        updates, opt_state = optimizer.update(g, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state
+
+    step = jax.jit(T.make_train_step(loss, optimizer), donate_argnums=0)
+    state = T.TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    micro = T.Examples(*(a[None] for a in ex))
+
+    def whole():
+        nonlocal state
+        state, metrics = step(state, frozen, micro)
+        return metrics["loss"]
+
+    attn_f = 2 * N * L * (d * (H + 2 * K) * h + H * h * d) + 4 * N * L * seq * H * h // 2 * 2  # causal: full scores computed
+    mlp_f = 2 * N * L * 3 * d * F
+    head_f = 2 * N * d * V
+    phases = []
+    for name, fn, args, f in (("attention sub-blocks", attention_part, (blocks, x), attn_f),
+                              ("MLP sub-blocks", mlp_part, (blocks, x), mlp_f),
+                              ("head: norm, unembedding, cross-entropy", head_part, (table, x), head_f)):
+        t_fwd = _time(jax.jit(fn), *args, repeats=repeats)
+        t_both = _time(jax.jit(jax.grad(fn, argnums=(0, 1))), *args, repeats=repeats)
+        phases += [(f"{name}: forward", f, t_fwd), (f"{name}: backward", 2 * f, max(t_both - t_fwd, 1e-9))]
+    t_update = _time(update, g, opt_state, params, repeats=repeats)
+    t_loss = _time(loss_only, params, ex, repeats=repeats)
+    t_grads = _time(grads, params, ex, repeats=repeats)
+    t_whole = benchlib.best_time(lambda: jax.block_until_ready(whole()), repeats)
+    total = attn_f + mlp_f + head_f
+    return phases + [("AdamW update (clip, moments, decay)", None, t_update),
+                     ("jtrust loss: forward", total, t_loss),
+                     ("jtrust loss: forward + backward", 3 * total, t_grads),
+                     ("rest of the step (update, accumulation)", None, max(t_whole - t_grads, 0.0)),
+                     ("whole training step", 3 * total, t_whole)]
+
+
+def pretrain_config(path: str = "experiments/configs/pretrain_tiny.json"):
+    """The pre-training config's model and batch (bench_train's subject)."""
+    from bench_train import model_config
+    cfg = json.loads(pathlib.Path(path).read_text())
+    return model_config(cfg), cfg["train"]["batch_size"], cfg["model"]["seq_len"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(benchlib.machine_line(benchlib.machine()))
+    peaks = benchlib.Peaks()
+    peaks.sample()
+    model = jtrust.load("smollm2")
+    tables = {f"decode step, {r} rows, {args.slots} cache slots": decode_phases(model, r, args.slots, args.repeats)
+              for r in args.rows}
+    c, batch, seq = pretrain_config()
+    tables[f"training step, {batch} x {seq} tokens, d {c.d_model}, {c.n_layers} layers, vocab {c.vocab_size}"] = \
+        train_phases(c, batch, seq, args.repeats)
+    peaks.sample()
+    print("\n".join(peaks.table()))
+    for title, rows in tables.items():
+        print(f"\n{title} (peak {peaks.best():.1f} GFLOP/s)")
+        print("\n".join(benchlib.roofline(rows, peaks.best())))
+
+
+if __name__ == "__main__":
+    main()
