@@ -6,10 +6,10 @@ Decode step of the embedded model (R rows, S cache slots), each phase on its own
 step's shapes, all 30 layers: the q/k/v/o projections, attention over the cache, the MLP, the
 unembedding [R, d] x [d, V], and top-p sampling; then jtrust's whole step (the cached forward
 and the sampler, one compiled program). Training step of the pre-training config's model (batch
-x seq_len tokens): forward (loss) and forward + backward of jtrust's loss, then the block parts
-on their own (attention and MLP sub-blocks over all layers, the head: final norm, unembedding,
-cross-entropy), each forward and forward + backward, then the AdamW update, then the whole step
-(`make_train_step`). FLOPs are matrix products only (backward = 2 x forward); the rest of a
+x seq_len tokens): the block parts on their own with the step's dense products (attention and
+MLP sub-blocks over all layers, the head: final norm, unembedding, cross-entropy), each forward
+and backward, the AdamW update, jtrust's loss forward and forward + backward (traced as the step
+traces it), then the whole step (`make_train_step`). FLOPs are matrix products only (backward = 2 x forward); the rest of a
 phase's time (norms, softmax, masks, layouts) shows as a lower rate. The "rest" row is the whole
 minus the phases' sum.
 """
@@ -31,6 +31,7 @@ import benchlib  # noqa: E402
 
 import jtrust  # noqa: E402
 from jtrust import training as T  # noqa: E402
+from jtrust.models import decoder  # noqa: E402
 from jtrust.models.decoder import forward, init_cache, init_params  # noqa: E402
 from jtrust.runtime.generate import Sampling, _sample  # noqa: E402
 
@@ -116,7 +117,14 @@ def train_phases(c, batch: int, seq: int, repeats: int) -> list[tuple[str, float
     loss = T.lm_loss(c, config)
     frozen = {"base": None, "reference": None}
     loss_only = jax.jit(lambda p, b: loss(p, frozen, b)[0])
-    grads = jax.jit(jax.grad(lambda p, b: loss(p, frozen, b)[0]))
+
+    @jax.jit
+    def grads(p, b):  # traced as make_train_step traces it
+        with decoder.first_order_products():
+            return jax.grad(lambda p, b: loss(p, frozen, b)[0])(p, b)
+
+    mm = decoder._product  # the step's dense products (first_order_products), so the parts time the same
+
 
     L, d, H, K, h, F, V, N = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size, batch * seq
     blocks = params["blocks"]
@@ -130,26 +138,26 @@ def train_phases(c, batch: int, seq: int, repeats: int) -> list[tuple[str, float
         def body(hid, w):
             a = w["attn"]
             n = rms(hid, w["ln1"]["scale"])
-            q = (n @ a["q"]["kernel"]).reshape(batch, seq, K, H // K, h)
-            k = (n @ a["k"]["kernel"]).reshape(batch, seq, K, h)
-            v = (n @ a["v"]["kernel"]).reshape(batch, seq, K, h)
+            q = mm(n, a["q"]["kernel"]).reshape(batch, seq, K, H // K, h)
+            k = mm(n, a["k"]["kernel"]).reshape(batch, seq, K, h)
+            v = mm(n, a["v"]["kernel"]).reshape(batch, seq, K, h)
             s = jnp.einsum("btkgh,bskh->bkgts", q, k) / np.sqrt(h)
             s = jnp.where(causal, s, -1e9)
             o = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v).reshape(batch, seq, H * h)
-            return hid + o @ a["o"]["kernel"], None
+            return hid + mm(o, a["o"]["kernel"]), None
         return jax.lax.scan(body, x, blocks)[0].sum()
 
     def mlp_part(blocks, x):
         def body(hid, w):
             m = w["mlp"]
             n = rms(hid, w["ln2"]["scale"])
-            return hid + (jax.nn.silu(n @ m["gate"]["kernel"]) * (n @ m["up"]["kernel"])) @ m["down"]["kernel"], None
+            return hid + mm(jax.nn.silu(mm(n, m["gate"]["kernel"])) * mm(n, m["up"]["kernel"]), m["down"]["kernel"]), None
         return jax.lax.scan(body, x, blocks)[0].sum()
 
     table = params["embed"]["embedding"] if c.tie_embeddings else params["lm_head"]["kernel"].T
 
     def head_part(table, x):
-        logits = rms(x, 1.0) @ table.T
+        logits = mm(rms(x, 1.0), table.T)
         return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ex.targets[..., None], -1).sum()
 
     optimizer = T.make_optimizer(config)

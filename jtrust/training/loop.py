@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jtrust.core import store
 from jtrust.core.errors import InputError
 from jtrust.io import runs
+from jtrust.models import decoder
 from jtrust.models import lora as lora_lib
 from jtrust.runtime import distributed, sharding
 
@@ -162,6 +163,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         return value, (weight, aux)
 
     def step(state: TrainState, frozen: Any, micro_batches):
+        with decoder.first_order_products():  # traced here: the backward's products as XLA:CPU likes them
+            return _step(state, frozen, micro_batches)
+
+    def _step(state: TrainState, frozen: Any, micro_batches):
         def one(carry, batch):
             grads, loss, count = carry
             (l, (n, aux)), g = jax.value_and_grad(loss_sum, has_aux=True)(state.trainable, frozen, batch)
