@@ -98,7 +98,7 @@ def _gpt2(c: ModelConfig):
 TABLES = {"llama": _llama, "gpt_neox": _gpt_neox, "gpt2": _gpt2}
 
 
-def _normalise_names(tensors: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
+def normalise_names(tensors: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
     """Accept checkpoints saved from the bare model class (no `model.` / `transformer.` prefix)."""
     prefix = {"llama": "model.", "gpt_neox": "gpt_neox.", "gpt2": "transformer."}[family]
     out = {}
@@ -120,7 +120,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig, source: st
     unexpected or of the wrong shape. Finiteness is checked where tensors are read
     (`jtrust.io.raw.check_finite`, by the GGUF and Hugging Face readers).
     """
-    tensors = _normalise_names(tensors, config.family)
+    tensors = normalise_names(tensors, config.family)
     if config.tie_embeddings:  # some writers keep the tied copy; the embedding is the source of truth
         tensors.pop("lm_head.weight", None)
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -80,6 +80,22 @@ def _read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def _read_index(index_file: pathlib.Path) -> dict[str, np.ndarray]:
     """All shards a `*.index.json` names in its weight_map, each holding the tensors it should."""
+    weight_map, shards = index_shards(index_file)
+    tensors = {}
+    for shard in shards:
+        tensors.update(_read_file(shard))
+    absent = [(n, s) for n, s in weight_map.items() if n not in tensors]
+    if absent:
+        name, shard = absent[0]
+        raise InputError(f"{index_file.parent / shard}: lacks tensor {name!r}, which "
+                         f"{index_file.name} places there ({len(absent)} listed tensors are absent); "
+                         "the shards do not match the index: download them again")
+    return tensors
+
+
+def index_shards(index_file: pathlib.Path) -> tuple[dict[str, str], list[pathlib.Path]]:
+    """(weight_map, shard paths) of a `*.index.json`, checked: a weight_map object of plain file
+    names, every shard present."""
     index = _read_json(index_file, expect="an object with a 'weight_map'")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -96,16 +112,7 @@ def _read_index(index_file: pathlib.Path) -> dict[str, np.ndarray]:
         raise MissingInput(f"{index_file.parent / missing[0]}: shard named in {index_file.name} "
                            f"is missing ({len(missing)} of {len(shards)} shards are); download "
                            "every shard the index lists")
-    tensors = {}
-    for shard in shards:
-        tensors.update(_read_file(index_file.parent / shard))
-    absent = [(n, s) for n, s in weight_map.items() if n not in tensors]
-    if absent:
-        name, shard = absent[0]
-        raise InputError(f"{index_file.parent / shard}: lacks tensor {name!r}, which "
-                         f"{index_file.name} places there ({len(absent)} listed tensors are absent); "
-                         "the shards do not match the index: download them again")
-    return tensors
+    return weight_map, [index_file.parent / shard for shard in shards]
 
 
 def _read_file(file: pathlib.Path) -> dict[str, np.ndarray]:

@@ -28,7 +28,8 @@ import ml_dtypes
 import numpy as np
 
 from jtrust.core.errors import InputError, MissingInput
-from jtrust.io.convert import T, TABLES, tree_get, tree_set
+from jtrust.io.convert import T, TABLES, normalise_names, tree_get, tree_set
+from jtrust.io.hf import index_shards
 from jtrust.io.raw import check_finite
 from jtrust.models.config import ModelConfig
 from jtrust.models.decoder import init_params
@@ -45,8 +46,7 @@ class SafetensorsSlices:
         directory = pathlib.Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            files = sorted({directory / f for f in weight_map.values()})
+            files = index_shards(index)[1]
         elif (directory / "model.safetensors").is_file():
             files = [directory / "model.safetensors"]
         else:
@@ -59,8 +59,6 @@ class SafetensorsSlices:
             self._read_header(file)
 
     def _read_header(self, file: pathlib.Path) -> None:
-        if not file.is_file():
-            raise MissingInput(f"{file}: shard missing; download every shard the index lists")
         with open(file, "rb") as f:
             head = f.read(8)
             size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
@@ -75,11 +73,16 @@ class SafetensorsSlices:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            if meta.get("dtype") not in DTYPES:
-                raise InputError(f"{file}: tensor {name!r} has dtype {meta.get('dtype')}; jtrust reads "
+            if not isinstance(meta, dict) or meta.get("dtype") not in DTYPES:
+                raise InputError(f"{file}: tensor {name!r} has dtype "
+                                 f"{meta.get('dtype') if isinstance(meta, dict) else None}; jtrust reads "
                                  f"{', '.join(DTYPES)} tensors")
-            start, end = meta["data_offsets"]
-            shape = tuple(meta["shape"])
+            try:
+                start, end = (int(x) for x in meta["data_offsets"])
+                shape = tuple(int(x) for x in meta["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"{file}: tensor {name!r} has no valid shape and data_offsets in the "
+                                 "header; the file is corrupt: download it again") from None
             dtype = np.dtype(DTYPES[meta["dtype"]])
             if end - start != int(np.prod(shape)) * dtype.itemsize or 8 + size + end > length:
                 raise InputError(f"{file}: tensor {name!r} lies outside the file ({length} bytes); the file "
@@ -132,7 +135,7 @@ def read_sharded_safetensors(directory: str | os.PathLike, config: ModelConfig, 
                          f"{config.family} checkpoint: convert it once (`jtrust convert`) and load the "
                          "jtrust directory, which is restored shard by shard")
     reader = reader or SafetensorsSlices(directory)
-    names = {n.removeprefix("model.") if not n.startswith("lm_head") else n: n for n in reader.entries}
+    names = normalise_names({n: n for n in reader.entries}, "llama")  # table's name -> the file's
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     params: dict = {}
     for src, path, fn in TABLES["llama"](config):
@@ -140,8 +143,8 @@ def read_sharded_safetensors(directory: str | os.PathLike, config: ModelConfig, 
         full = ("blocks",) + path if stacked else path
         shape = tree_get(expected, full).shape
         first = src.format(i=0)
-        hf_name = names.get(first.removeprefix("model."), first)
-        if hf_name not in reader.entries:
+        hf_name = names.get(first)
+        if hf_name is None:
             raise InputError(f"{directory}: tensor {first!r} is missing (does the config match the weights? "
                              f"expected a llama model with {config.n_layers} layers)")
         per_layer = shape[1:] if stacked else shape
@@ -162,9 +165,9 @@ def read_sharded_safetensors(directory: str | os.PathLike, config: ModelConfig, 
 
 
 def _read(reader: SafetensorsSlices, names: dict, src: str, index: tuple[slice, ...], transpose: bool):
-    name = names.get(src.removeprefix("model."), src)
-    if name not in reader.entries:
+    if src not in names:
         raise InputError(f"tensor {src!r} is missing from the checkpoint")
+    name = names[src]
     if transpose:  # jtrust [in, out] is the Hugging Face [out, in] transposed
         return reader.read(name, index[::-1]).T
     return reader.read(name, index)

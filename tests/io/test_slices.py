@@ -45,6 +45,14 @@ def test_corrupt_files_are_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(InputError, match="tensor 'm' lies outside the file"):
         SafetensorsSlices(tmp_path)
+    header = b'{"m": {"dtype": "F32", "shape": [2]}}'
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(InputError, match="tensor 'm' has no valid shape and data_offsets"):
+        SafetensorsSlices(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"m": "../model.safetensors"}}')
+    with pytest.raises(InputError, match="expected the file name of a shard in the same directory"):
+        SafetensorsSlices(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
     save_file({"m": np.array([[1.0, np.nan]], np.float32)}, tmp_path / "model.safetensors")
     with pytest.raises(InputError, match="non-finite"):
         SafetensorsSlices(tmp_path).read("m", (slice(None), slice(None)))
