@@ -246,7 +246,10 @@ def cmd_plan(args) -> None:
     from jtrust.runtime.sharding import parse_mesh_sizes
     sizes = parse_mesh_sizes(args.mesh)
     shape = plan.Shape(args.batch, args.seq_len, args.samples, args.new_tokens, args.dtype)
-    device_gib = tuple(float(x) for x in args.device_gib.split(","))
+    try:
+        device_gib = tuple(float(x) for x in args.device_gib.split(","))
+    except ValueError:
+        raise InputError(f"--device-gib {args.device_gib!r}: give comma-separated sizes in GiB, e.g. 16,32") from None
     if args.compile and not os.environ.get("JTRUST_PLAN_CHILD"):
         import jax
         need = max(64, sizes["data"] * sizes["fsdp"] * sizes["model"])

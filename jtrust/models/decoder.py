@@ -126,7 +126,7 @@ _INPUT_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.Context
 def constrain_inputs(constrain: Callable[[jax.Array], jax.Array] | None):
     """While tracing inside this context, the input [B, ..., d_in] of every dense layer passes
     through constrain(x) before its product: a sharding constraint that keeps rows split
-    (`jtrust.runtime.sharding.split_weights`)."""
+    (`jtrust.runtime.sharding.keep_rows_split`)."""
     token = _INPUT_CONSTRAINT.set(constrain)
     try:
         yield

@@ -185,7 +185,7 @@ def compiled(config: ModelConfig, task: str, mesh: Mesh, shape: Shape = Shape())
     """XLA's memory analysis of the task's program compiled for `mesh` (per device): argument,
     output, alias (donated), temp bytes, and their "total" = argument + output - alias + temp."""
     _check_task(task)
-    with sharding.split_weights(mesh):
+    with sharding.keep_rows_split(mesh):
         lowered = _lower(config, task, mesh, shape)
     m = lowered.compile().memory_analysis()
     out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,

@@ -136,7 +136,7 @@ def shard_params(params: Any, mesh: Mesh, rules: dict[str, str | None] = RULES) 
     return distributed.place(params, tree_shardings(params, mesh, rules))
 
 
-def split_weights(mesh: Mesh | None):
+def keep_rows_split(mesh: Mesh | None):
     """A context for tracing a program on `mesh`: inside the scanned blocks every product's
     input keeps its rows split over data x fsdp, so XLA gathers each layer's weights (fully
     sharded data parallelism) instead of gathering the batch, and the backward pass
@@ -202,9 +202,9 @@ def load_sharded(spec, mesh: Mesh, rules: dict[str, str | None] = RULES):
     path, kind = loading.checkpoint_kind(spec)
     if kind == "jtrust":
         return loading.read_jtrust_dir(path, shardings)
-    if kind == "hf" and hf.read_hf_config(path).family == "llama" and any(
+    config = hf.read_hf_config(path) if kind == "hf" else None
+    if config is not None and config.family == "llama" and any(
             (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        config = hf.read_hf_config(path)
         reader = slices.SafetensorsSlices(path)
         params = slices.read_sharded_safetensors(path, config, shardings(config), reader)
         return Model(config, params, hf.read_hf_tokenizer(path), name=str(spec),

@@ -14,7 +14,8 @@ data a straight run would have seen and ends with the same parameters. With a `M
 are split over its 'data' (and 'fsdp') axes and the state is laid out by
 `jtrust.runtime.sharding`: replicated on a data-only mesh (data parallel: XLA inserts the
 gradient all-reduce), decoder weights and their gradients and Adam moments split over 'fsdp' /
-'model' when the mesh has them (XLA gathers each weight where it is used). Language-model training (`jtrust.training.lm.train`) is one such loss.
+'model' when the mesh has them (XLA gathers each weight where it is used). Language-model
+training (`jtrust.training.lm.train`) is one such loss.
 Process 0 holds the run directory's lock (`jtrust.core.store.lock_dir`) for the whole call, so
 a second run into the same directory waits up to `wait` seconds, then stops naming the first.
 """
@@ -307,7 +308,7 @@ def _fit(loss_fn, trainable, batches, config, out, frozen, on_checkpoint, items_
             batch = batches(step)
             if mesh is not None:
                 batch = distributed.put(batch, batch_sharding)
-            with sharding.split_weights(mesh):  # traced on the first call: rows stay split in the blocks
+            with sharding.keep_rows_split(mesh):  # traced on the first call: rows stay split in the blocks
                 state, out_metrics = step_fn(state, frozen, batch)
             done = step + 1
             window_items += items_per_step[1] if items_per_step else 0.0

@@ -152,3 +152,9 @@ def test_bad_mesh_fails_in_one_line_before_loading(command, mesh, message, tmp_p
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"jtrust {command}: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_bad_device_sizes_fail_in_one_line(capsys):
+    code, err = run(["plan", "--model", "llama-2-7b", "--device-gib", "16,lots"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("jtrust plan: --device-gib '16,lots': give comma-separated")

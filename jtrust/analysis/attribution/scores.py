@@ -87,7 +87,7 @@ def scores(model: Model, train: Examples, queries: Examples, *, task: Task = Tas
     (queries [M, S]). mesh: training rows are split over its data (and fsdp) axes, parameters by the rules (same scores).
     mean: [1, N], the mean over queries, computed as one query (the score is linear in the query
     gradient), so a matrix-free method solves one system instead of M."""
-    with sharding.split_weights(mesh):
+    with sharding.keep_rows_split(mesh):
         return _Scorer(model, train, task, options, cache_dir, mesh, progress).scores(queries, mean)
 
 
@@ -95,7 +95,7 @@ def self_influence(model: Model, train: Examples, *, task: Task = Task(), option
                    cache_dir: str | os.PathLike | None = None, mesh: Mesh | None = None,
                    progress: bool = True) -> np.ndarray:
     """[N] float64: grad l(z_n)^T H^-1 grad l(z_n) (large for rows the model finds surprising)."""
-    with sharding.split_weights(mesh):
+    with sharding.keep_rows_split(mesh):
         return _Scorer(model, train, task, options, cache_dir, mesh, progress).self_influence()
 
 
