@@ -85,27 +85,38 @@ def extraction(model, hf, batch: int, length: int, repeats: int) -> dict:
     return out
 
 
+SAMPLING = jtrust.Sampling(temperature=1.0, top_p=0.9)  # both sides sample with T = 1, top-p 0.9
+
+
+def chat_prompts(model, n: int):
+    """(the model without stop tokens, so every sample runs to full length; n chat-rendered
+    TruthfulQA questions)."""
+    tok = model.tokenizer
+    no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
+    questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
+    return no_stop, [tok.chat(q) for q in questions[:n]]
+
+
+def hf_sample(hf, ids, mask, new_tokens: int, pad_id: int, n: int = 1) -> None:
+    """transformers `generate` with SAMPLING: n samples of exactly new_tokens per row of ids."""
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.9,
+                          top_k=0, num_return_sequences=n, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id)
+    assert out.shape == (ids.shape[0] * n, ids.shape[1] + new_tokens)
+
+
 def generation(model, hf, batch: int, new_tokens: int, repeats: int) -> dict:
     """Seconds to sample new_tokens for each of `batch` chat prompts (T = 1, top-p 0.9), jtrust's
     decode loop and transformers `generate`, and the FLOPs of the decode steps."""
     tok = model.tokenizer
-    no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
-    questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
-    prompts = [tok.chat(q) for q in questions[:batch]]
-    sampling = jtrust.Sampling(temperature=1.0, top_p=0.9)
+    no_stop, prompts = chat_prompts(model, batch)
     keys = iter(jax.random.split(jax.random.key(0), 100))
-    jt_gen = lambda: jtrust.generate(no_stop, prompts, max_new_tokens=new_tokens, key=next(keys), sampling=sampling)
-    hf_tok = [tok.encode(p) for p in prompts]
-    ids, am = jtrust.models.tokenizer.pad(hf_tok, tok.pad_id, side="left")
+    jt_gen = lambda: jtrust.generate(no_stop, prompts, max_new_tokens=new_tokens, key=next(keys), sampling=SAMPLING)
+    ids, am = jtrust.models.tokenizer.pad([tok.encode(p) for p in prompts], tok.pad_id, side="left")
     ids, am = torch.tensor(ids, dtype=torch.long), torch.tensor(am)
-
-    def hf_gen():
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=1.0, top_p=0.9,
-                              top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              pad_token_id=tok.pad_id)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-    return dict(jtrust=best_time(jt_gen, repeats), transformers=best_time(hf_gen, repeats),
+    return dict(jtrust=best_time(jt_gen, repeats),
+                transformers=best_time(lambda: hf_sample(hf, ids, am, new_tokens, tok.pad_id), repeats),
                 new_tokens=batch * new_tokens,
                 flops=decode_flops(model.config, batch, ids.shape[1], new_tokens))
 

@@ -15,7 +15,6 @@ Prints the machine and its matmul peaks (`benchlib`), samples/s for each side, t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sys
@@ -24,7 +23,6 @@ import jax
 import torch
 
 import jtrust
-from jtrust.data import load_texts
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import benchlib  # noqa: E402
@@ -34,12 +32,9 @@ from benchlib import best_time  # noqa: E402
 def sampling(model, hf, prompts: int, n: int, new_tokens: int, repeats: int) -> dict:
     """Seconds for n samples x new_tokens of each of `prompts` chat prompts (T = 1, top-p 0.9):
     jtrust (one prefill, n rows decoded together) and transformers `generate`; and the FLOPs."""
-    from bench_engine import decode_flops
+    from bench_engine import SAMPLING, chat_prompts, decode_flops, hf_sample
     tok = model.tokenizer
-    no_stop = dataclasses.replace(model, tokenizer=dataclasses.replace(tok, stop_ids=(), eos_id=None))
-    questions = load_texts(str(jtrust.data.BUNDLED / "tracingllm" / "truthfulqa_test.csv")).texts
-    texts = [tok.chat(q) for q in questions[:prompts]]
-    rule = jtrust.Sampling(temperature=1.0, top_p=0.9)
+    no_stop, texts = chat_prompts(model, prompts)
     pad = max(len(tok.encode(p)) for p in texts)  # one compiled program for every prompt
     out = dict(jtrust=0.0, transformers=0.0, samples=prompts * n, new_tokens=prompts * n * new_tokens, flops=0.0)
     for i, prompt in enumerate(texts):
@@ -47,20 +42,13 @@ def sampling(model, hf, prompts: int, n: int, new_tokens: int, repeats: int) -> 
 
         def jt():
             result = jtrust.generate(no_stop, [prompt], max_new_tokens=new_tokens, key=next(key),
-                                     sampling=rule, n_samples=n, pad_prompts_to=pad)
+                                     sampling=SAMPLING, n_samples=n, pad_prompts_to=pad)
             assert result.lengths.min() == new_tokens
 
         ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-
-        def hft():
-            with torch.inference_mode():
-                result = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=1.0, top_p=0.9, top_k=0, num_return_sequences=n,
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.pad_id)
-            assert result.shape == (n, ids.shape[1] + new_tokens)
-
         out["jtrust"] += best_time(jt, repeats)
-        out["transformers"] += best_time(hft, repeats)
+        out["transformers"] += best_time(lambda: hf_sample(hf, ids, torch.ones_like(ids), new_tokens, tok.pad_id, n),
+                                         repeats)
         out["flops"] += decode_flops(model.config, n, ids.shape[1], new_tokens)
     return out
 
