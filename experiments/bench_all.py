@@ -37,10 +37,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     start = time.perf_counter()
-    machine = benchlib.machine()
-    print(benchlib.machine_line(machine), flush=True)
-    peaks = benchlib.Peaks()
-    peaks.sample()
+    machine = benchlib.machine()  # for the written section; start() prints it
+    peaks = benchlib.start()
     model, hf = bench_engine.load_peers()
     e = bench_engine.extraction(model, hf, 16, 128, args.repeats)
     peaks.sample()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import sys
 
@@ -135,10 +134,7 @@ def main():
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count())
-    print(benchlib.machine_line(benchlib.machine()))
-    peaks = benchlib.Peaks()
-    peaks.sample()
+    peaks = benchlib.start()
     model, hf = load_peers()
     c = model.config
     e = extraction(model, hf, args.batch, args.length, args.repeats)

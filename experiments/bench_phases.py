@@ -213,9 +213,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(benchlib.machine_line(benchlib.machine()))
-    peaks = benchlib.Peaks()
-    peaks.sample()
+    peaks = benchlib.start()
     model = jtrust.load("smollm2")
     tables = {f"decode step, {r} rows, {args.slots} cache slots": decode_phases(model, r, args.slots, args.repeats)
               for r in args.rows}

@@ -15,7 +15,6 @@ Prints the machine and its matmul peaks (`benchlib`), samples/s for each side, t
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -60,10 +59,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count())
-    print(benchlib.machine_line(benchlib.machine()))
-    peaks = benchlib.Peaks()
-    peaks.sample()
+    peaks = benchlib.start()
     from bench_engine import load_peers
     model, hf = load_peers()
     r = sampling(model, hf, args.prompts, args.n, args.new_tokens, args.repeats)

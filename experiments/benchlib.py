@@ -55,6 +55,15 @@ def machine_line(m: dict) -> str:
             f"load average {m['load']}")
 
 
+def start() -> "Peaks":
+    """A benchmark's opening: torch on every core, the machine line printed, the first peak sample."""
+    torch.set_num_threads(os.cpu_count())
+    print(machine_line(machine()), flush=True)
+    peaks = Peaks()
+    peaks.sample()
+    return peaks
+
+
 class Peaks:
     """Matmul GFLOP/s of JAX and torch, float32 on `SHAPES` and bfloat16 square, sampled
     several times through a run; `best()` is the float32 reference peak (the highest sample)."""
