@@ -23,6 +23,7 @@ fits a device of a given size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -92,6 +93,7 @@ def model_config(spec: str) -> ModelConfig:
         raise InputError(f"{e}; or give a shape name ({', '.join(SHAPES)}) or a config.json") from None
 
 
+@functools.lru_cache(maxsize=16)  # smallest_mesh estimates dozens of meshes of one model
 def abstract_params(config: ModelConfig, dtype: str = "float32") -> Any:
     """The parameter tree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
     shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
