@@ -40,8 +40,9 @@ def _time(fn, *args, repeats: int) -> float:
     return benchlib.best_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
-def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple[str, float | None, float]]:
-    """(phase, FLOPs, seconds) of one decode step with `rows` rows and `slots` cache slots."""
+def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple]:
+    """(phase, FLOPs, seconds[, bytes read]) of one decode step with `rows` rows and `slots` cache
+    slots; bytes are the weights and cache the phase must read (float32)."""
     c, p = model.config, model.params
     blocks = p["blocks"]
     R, S, L, d, H, K, h, F, V = rows, slots, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size
@@ -93,17 +94,23 @@ def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple[str,
         token, cache = whole(p, cache, keys)
         return token
 
+    f32 = 4  # bytes: every phase reads its weights (and attention the cache) from memory once per step
+    proj_bytes = f32 * L * (d * (H + 2 * K) * h + H * h * d)
+    cache_bytes = f32 * 2 * L * R * S * K * h
+    mlp_bytes, unembed_bytes = f32 * L * 3 * d * F, f32 * V * d
     phases = [
-        ("q/k/v/o projections", 2 * R * L * (d * (H + 2 * K) * h + H * h * d), _time(projections, blocks, x, repeats=repeats)),
-        (f"attention over {S} slots", 4 * R * L * S * H * h, _time(attention, q, kv, kv, repeats=repeats)),
-        ("MLP", 2 * R * L * 3 * d * F, _time(mlps, blocks, x, repeats=repeats)),
-        ("unembedding", 2 * R * d * V, _time(unembed, x, table, repeats=repeats)),
+        ("q/k/v/o projections", 2 * R * L * (d * (H + 2 * K) * h + H * h * d), _time(projections, blocks, x, repeats=repeats),
+         proj_bytes),
+        (f"attention over {S} slots", 4 * R * L * S * H * h, _time(attention, q, kv, kv, repeats=repeats), cache_bytes),
+        ("MLP", 2 * R * L * 3 * d * F, _time(mlps, blocks, x, repeats=repeats), mlp_bytes),
+        ("unembedding", 2 * R * d * V, _time(unembed, x, table, repeats=repeats), unembed_bytes),
         ("top-p sampling", None, _time(sample, logits, keys, repeats=repeats)),
     ]
     t_whole = _time(step, repeats=repeats)
-    flops = sum(f or 0 for _, f, _ in phases)
-    return phases + [("rest (norms, rope, cache writes, loop)", None, max(t_whole - sum(t for *_, t in phases), 0.0)),
-                     ("whole decode step", flops, t_whole)]
+    flops = sum(f or 0 for _, f, *_ in phases)
+    rest = max(t_whole - sum(row[2] for row in phases), 0.0)
+    return phases + [("rest (norms, rope, cache writes, loop)", None, rest),
+                     ("whole decode step", flops, t_whole, proj_bytes + cache_bytes + mlp_bytes + unembed_bytes)]
 
 
 def train_phases(c, batch: int, seq: int, repeats: int) -> list[tuple[str, float | None, float]]:
@@ -223,8 +230,8 @@ def main() -> None:
     peaks.sample()
     print("\n".join(peaks.table()))
     for title, rows in tables.items():
-        print(f"\n{title} (peak {peaks.best():.1f} GFLOP/s)")
-        print("\n".join(benchlib.roofline(rows, peaks.best())))
+        print(f"\n{title} (peak {peaks.best():.1f} GFLOP/s, read bandwidth {peaks.bandwidth():.1f} GB/s)")
+        print("\n".join(benchlib.roofline(rows, peaks.best(), peaks.bandwidth())))
 
 
 if __name__ == "__main__":

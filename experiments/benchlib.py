@@ -1,6 +1,8 @@
 """What every benchmark prints about the machine: CPU model and flags, the matmul peak of JAX and
-torch measured in the same run (several times, so a busy moment shows as a spread), and
-roofline tables (phase, GFLOP, time, GFLOP/s, fraction of the peak).
+torch and the memory read bandwidth, measured in the same run (several times, so a busy moment
+shows as a spread), and roofline tables (phase, GFLOP, MB read, time, GFLOP/s, fraction of the
+peak, and the phase's roofline: the time its products at the peak or its reads at the bandwidth
+would take, whichever is longer).
 
 A ratio against torch is a fact about one machine (its BLAS, its load); a fraction of the
 machine's own peak, measured in the same run, is the figure that carries over.
@@ -19,6 +21,7 @@ import torch
 
 # (M, K, N): square, and the embedded model's products (d 576, d_ff 1536) at 2048 / 128 / 16 rows
 SHAPES = ((2048, 2048, 2048), (2048, 576, 1536), (128, 576, 1536), (16, 576, 1536))
+READ_MB = 512  # the bandwidth sample: one float32 array this large summed, far past every cache
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -65,8 +68,9 @@ def start() -> "Peaks":
 
 
 class Peaks:
-    """Matmul GFLOP/s of JAX and torch, float32 on `SHAPES` and bfloat16 square, sampled
-    several times through a run; `best()` is the float32 reference peak (the highest sample)."""
+    """Matmul GFLOP/s of JAX and torch, float32 on `SHAPES` and bfloat16 square, and JAX's memory
+    read GB/s, sampled several times through a run; `best()` is the float32 reference peak (the
+    highest sample), `bandwidth()` the highest read sample."""
 
     def __init__(self, repeats: int = 3):
         self.repeats = repeats
@@ -77,6 +81,9 @@ class Peaks:
             a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
             self._arrays[(m, k, n)] = (a, b)
         self._jax_mm = jax.jit(lambda x, y: x @ y)
+        self._big = jnp.ones((READ_MB * 2**20 // 4,), jnp.float32)
+        self._read = jax.jit(jnp.sum)
+        self.reads: list[float] = []  # GB/s
 
     def sample(self) -> None:
         torch.set_num_threads(os.cpu_count())
@@ -91,6 +98,8 @@ class Peaks:
                 with torch.inference_mode():
                     t = best_time(lambda: ta @ tb, self.repeats)
                 self._add("torch", dtype, shape, t)
+        t = best_time(lambda: self._read(self._big).block_until_ready(), self.repeats)
+        self.reads.append(READ_MB * 2**20 / t / 1e9)
 
     def _add(self, lib: str, dtype: str, shape: tuple, seconds: float) -> None:
         m, k, n = shape
@@ -100,23 +109,34 @@ class Peaks:
         """The float32 peak: the highest float32 sample of either library, GFLOP/s."""
         return max(max(v) for (lib, dtype, _), v in self.samples.items() if dtype == "float32")
 
+    def bandwidth(self) -> float:
+        """The memory read bandwidth: the highest sample, GB/s."""
+        return max(self.reads)
+
     def table(self) -> list[str]:
         """Markdown rows: library, dtype, shape, best / median / lowest GFLOP/s over the samples."""
         rows = ["| matmul | dtype | M x K x N | best GFLOP/s | median | lowest | samples |", "|---|---|---|---|---|---|---|"]
         for (lib, dtype, (m, k, n)), v in sorted(self.samples.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             rows.append(f"| {lib} | {dtype} | {m} x {k} x {n} | {max(v):.1f} | {np.median(v):.1f} | {min(v):.1f} | {len(v)} |")
+        r = self.reads
+        rows.append(f"| jax read, GB/s | float32 | {READ_MB} MB summed | {max(r):.1f} | {np.median(r):.1f} | {min(r):.1f} "
+                    f"| {len(r)} |")
         return rows
 
 
-def roofline(rows: list[tuple[str, float | None, float]], peak: float) -> list[str]:
-    """Markdown table of (phase, FLOPs or None, seconds) against `peak` GFLOP/s."""
-    out = ["| phase | GFLOP | ms | GFLOP/s | of peak |", "|---|---|---|---|---|"]
-    for phase, flops, seconds in rows:
-        if flops:
-            rate = flops / seconds / 1e9
-            out.append(f"| {phase} | {flops / 1e9:.3f} | {seconds * 1e3:.2f} | {rate:.1f} | {rate / peak:.1%} |")
-        else:
-            out.append(f"| {phase} | - | {seconds * 1e3:.2f} | - | - |")
+def roofline(rows: list[tuple], peak: float, bandwidth: float | None = None) -> list[str]:
+    """Markdown table of (phase, FLOPs or None, seconds[, bytes read or None]) against `peak`
+    GFLOP/s and `bandwidth` GB/s. A phase's roofline is the longer of its products at the peak and
+    its reads at the bandwidth; "of roofline" is that time over the measured one."""
+    out = ["| phase | GFLOP | MB read | ms | GFLOP/s | of peak | roofline ms | of roofline |",
+           "|---|---|---|---|---|---|---|---|"]
+    for phase, flops, seconds, *read in rows:
+        read = read[0] if read else None
+        floor = max((flops or 0) / peak / 1e9, (read or 0) / bandwidth / 1e9 if bandwidth and read else 0)
+        cells = [f"{flops / 1e9:.3f}" if flops else "-", f"{read / 1e6:.0f}" if read else "-", f"{seconds * 1e3:.2f}",
+                 f"{flops / seconds / 1e9:.1f}" if flops else "-", f"{flops / seconds / 1e9 / peak:.1%}" if flops else "-",
+                 f"{floor * 1e3:.2f}" if floor else "-", f"{floor / seconds:.0%}" if floor else "-"]
+        out.append(f"| {phase} | " + " | ".join(cells) + " |")
     return out
 
 

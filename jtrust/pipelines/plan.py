@@ -142,7 +142,7 @@ def _activations(config: ModelConfig, task: str, sizes: dict[str, int], shape: S
       [R, T, (2H + 2K) h / m], the attention probabilities [R, H / m, T, T] and the MLP's three
       [R, T, F / m]; plus the logits and their log-softmax [R, T, V / m];
     extract: the captured last-token residuals [L, R, d]; generate: the prefill of B rows, then
-      per decode step the logits [R, V] and the sampler's sorted candidates, and with fsdp > 1
+      per decode step the logits [R, V], their softmax and the sampler's copy in blocks, and with fsdp > 1
       the embedding table gathered for the step's lookup [V / m, d].
     R = rows per device, T = tokens, m = the model axis' size.
     """
@@ -169,7 +169,7 @@ def _activations(config: ModelConfig, task: str, sizes: dict[str, int], shape: S
     prompts = _per_device_rows(shape.batch, sizes)
     rows = _per_device_rows(shape.batch * shape.samples, sizes)
     prefill = block(prompts, shape.seq_len)
-    decode = block(rows, 1) + 3 * rows * c.vocab_size  # logits, their softmax, the sampler's sort
+    decode = block(rows, 1) + 3 * rows * c.vocab_size  # logits, their softmax, the sampler's blocks
     table = c.vocab_size * c.d_model / m if sizes["fsdp"] > 1 else 0
     return int(4 * (max(prefill, decode) + table))
 

@@ -1,31 +1,62 @@
-"""The nucleus cutoff's two paths (top candidates, bisection) against a numpy sort."""
+"""The sampler's parts against numpy: the nucleus (membership and the bisection cutoff), the
+two-level inverse CDF, and the rejection sampler's rows that fall back to the cutoff."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from scipy import stats
 
-from jtrust.runtime.generate import _nucleus_cutoff
+from jtrust.runtime.generate import _in_nucleus, _inverse_cdf, _nucleus_cutoff, _nucleus_sample
 
 
-def numpy_cutoff(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Smallest kept logit per row: keep a token if the mass ranked before it is < top_p."""
-    out = []
-    for row in logits.astype(np.float64):
-        desc = np.sort(row)[::-1]
-        p = np.exp(desc - desc.max())
-        p /= p.sum()
-        before = np.cumsum(p) - p
-        out.append(desc[before < top_p].min())
-    return np.array(out)[:, None]
+def numpy_nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """[R, V] bool: keep a token if the mass ranked before it (descending sort) is < top_p."""
+    kept = np.zeros(probs.shape, bool)
+    for r, row in enumerate(probs.astype(np.float64)):
+        order = np.argsort(-row, kind="stable")
+        before = np.cumsum(row[order]) - row[order]
+        kept[r, order[before < top_p]] = True
+    return kept
+
+
+def softmax_rows(scale: float, rows: int = 5, vocab: int = 1000) -> np.ndarray:
+    logits = np.random.RandomState(0).randn(rows, vocab) * scale
+    return np.asarray(jax.nn.softmax(logits.astype(np.float32), -1))
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat to peaked distributions
 @pytest.mark.parametrize("top_p", [0.3, 0.9])
-@pytest.mark.parametrize("candidates", [4, 1000])  # 4 forces bisection, 1000 always fits
-def test_nucleus_cutoff_matches_sort(scale, top_p, candidates):
-    logits = (np.random.RandomState(0).randn(5, 1000) * scale).astype(np.float32)
-    got = np.asarray(_nucleus_cutoff(logits, top_p, candidates))
-    want = numpy_cutoff(logits, top_p)
-    # the kept sets must be identical; a cutoff value only matters through them
-    np.testing.assert_array_equal(logits >= got, logits >= want.astype(np.float32))
+def test_nucleus_matches_sort(scale, top_p):
+    probs = softmax_rows(scale)
+    want = numpy_nucleus(probs, top_p)
+    np.testing.assert_array_equal(probs >= np.asarray(_nucleus_cutoff(probs, top_p)), want)
+    every_token = np.broadcast_to(np.arange(probs.shape[1]), probs.shape)
+    member = np.stack([np.asarray(_in_nucleus(probs, every_token[:, v], top_p)) for v in range(probs.shape[1])], 1)
+    np.testing.assert_array_equal(member, want)
+
+
+def test_inverse_cdf_matches_searchsorted():
+    """Blocks of 7 over 50 tokens (the last block padded), zero-mass tokens included."""
+    rng = np.random.RandomState(1)
+    probs = rng.rand(64, 50).astype(np.float32) * (rng.rand(64, 50) > 0.3)
+    u = (1.0 - rng.rand(64)).astype(np.float32)
+    got = np.asarray(_inverse_cdf(probs, u, block=7))
+    cdf = np.cumsum(probs.astype(np.float64), -1)
+    want = [np.searchsorted(c, x * c[-1]) for c, x in zip(cdf, u)]  # first index with cdf >= u * total
+    np.testing.assert_array_equal(got, want)
+    assert (probs[np.arange(64), got] > 0).all()
+
+
+@pytest.mark.parametrize("rounds", [0, 8])  # 0: every row through the bisection cutoff
+def test_nucleus_sample_distribution(rounds):
+    probs = softmax_rows(1.5, rows=1, vocab=40)[0]
+    n = 20000
+    keys = jax.random.split(jax.random.key(0), n)
+    tokens = np.asarray(_nucleus_sample(np.broadcast_to(probs, (n, probs.size)), keys, 0.6, rounds=rounds))
+    kept = numpy_nucleus(probs[None], 0.6)[0]
+    assert set(tokens.tolist()) == set(np.flatnonzero(kept).tolist())
+    expected = probs[kept].astype(np.float64) / probs[kept].astype(np.float64).sum() * n
+    observed = np.bincount(tokens, minlength=probs.size)[kept]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
