@@ -4,7 +4,8 @@
 
 Decode step of the embedded model (R rows, S cache slots), each phase on its own with the
 step's shapes, all 30 layers: the q/k/v/o projections, attention over the cache, the MLP, the
-unembedding [R, d] x [d, V], and top-p sampling; then jtrust's whole step (the cached forward
+unembedding [R, d] x [d, V], and top-p sampling (of real logits: step 8 of R samples of a chat
+prompt); then jtrust's whole step (the cached forward
 and the sampler, one compiled program). Training step of the pre-training config's model (batch
 x seq_len tokens): the block parts on their own with the step's dense products (attention and
 MLP sub-blocks over all layers, the head: final norm, unembedding, cross-entropy), each forward
@@ -38,6 +39,16 @@ from jtrust.runtime.generate import Sampling, _sample  # noqa: E402
 
 def _time(fn, *args, repeats: int) -> float:
     return benchlib.best_time(lambda: jax.block_until_ready(fn(*args)), repeats)
+
+
+def sampled_logits(model, rows: int, step: int = 8):
+    """[rows, V] real next-token logits: step `step` of `rows` samples (T = 1, top-p 0.9) of a
+    chat-rendered TruthfulQA question, so the sampler meets the nuclei it meets in use."""
+    from bench_engine import SAMPLING, chat_prompts
+    no_stop, (prompt,) = chat_prompts(model, 1)
+    out = jtrust.generate(no_stop, [prompt], max_new_tokens=step + 1, key=jax.random.key(0), sampling=SAMPLING,
+                          n_samples=rows, return_logits=True)
+    return jnp.asarray(out.logits[0, :, step])
 
 
 def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple]:
@@ -75,7 +86,7 @@ def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple]:
     unembed = jax.jit(lambda x, e: x @ e.T)
     keys = jax.random.split(jax.random.key(1), R)
     sample = jax.jit(lambda logits, keys: _sample(logits, keys, Sampling(1.0, top_p=0.9)))
-    logits = unembed(x, table) * 10
+    logits = sampled_logits(model, R)
 
     q = jax.random.normal(jax.random.key(2), (L, R, K, H // K, h))
     kv = jax.random.normal(jax.random.key(3), (L, R, S, K, h))
