@@ -21,7 +21,7 @@ import torch
 
 # (M, K, N): square, and the embedded model's products (d 576, d_ff 1536) at 2048 / 128 / 16 rows
 SHAPES = ((2048, 2048, 2048), (2048, 576, 1536), (128, 576, 1536), (16, 576, 1536))
-READ_MB = 512  # the bandwidth sample: one float32 array this large summed, far past every cache
+READ_MB = 512  # MiB; the bandwidth sample: one float32 array this large summed, far past every cache
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -119,7 +119,7 @@ class Peaks:
         for (lib, dtype, (m, k, n)), v in sorted(self.samples.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             rows.append(f"| {lib} | {dtype} | {m} x {k} x {n} | {max(v):.1f} | {np.median(v):.1f} | {min(v):.1f} | {len(v)} |")
         r = self.reads
-        rows.append(f"| jax read, GB/s | float32 | {READ_MB} MB summed | {max(r):.1f} | {np.median(r):.1f} | {min(r):.1f} "
+        rows.append(f"| jax read, GB/s | float32 | {READ_MB} MiB summed | {max(r):.1f} | {np.median(r):.1f} | {min(r):.1f} "
                     f"| {len(r)} |")
         return rows
 

@@ -303,7 +303,7 @@ def _nucleus_sample(probs: jax.Array, keys: jax.Array, top_p: float, rounds: int
     _, token, accepted = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~s[2].all(), round_,
                                             (jnp.int32(0), jnp.zeros((R,), jnp.int32), jnp.zeros((R,), bool)))
 
-    def exact(token):
+    def exact(token):  # every row's own next number, for the rows still rejected only
         nucleus = jnp.where(probs >= _nucleus_cutoff(probs, top_p), probs, 0)
         return jnp.where(accepted, token, _inverse_cdf(nucleus, _uniform(keys, rounds)))
 
@@ -317,34 +317,48 @@ def _in_nucleus(probs: jax.Array, tokens: jax.Array, top_p: float) -> jax.Array:
     return jnp.sum(jnp.where(probs > p, probs, 0), -1) < top_p
 
 
-def _nucleus_cutoff(probs: jax.Array, top_p: float, passes: int = 48) -> jax.Array:
-    """[R, 1] smallest probability kept by top-p (the same set as `_in_nucleus`), by bisection
-    on its logarithm: the largest threshold whose tail mass still reaches top_p."""
-    def step(_, bounds):  # invariant: tail mass at exp(lo) reaches top_p, at exp(hi) it does not
+def _nucleus_cutoff(probs: jax.Array, top_p: float) -> jax.Array:
+    """[R, 1] the threshold of top-p: `probs >= it` is the set `_in_nucleus` keeps. Bisection on
+    the threshold's float32 bit pattern (ordered like the values, for non-negative floats): the
+    largest float whose tail mass still reaches top_p, exact after 31 steps."""
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
+    value = lambda i: jax.lax.bitcast_convert_type(i, jnp.float32)
+
+    def step(_, bounds):  # invariant: tail mass at value(lo) reaches top_p, at value(hi) it does not
         lo, hi = bounds
-        mid = lo + (hi - lo) / 2
-        reaches = jnp.sum(jnp.where(probs >= jnp.exp(mid), probs, 0), -1, keepdims=True) >= top_p
+        mid = lo + (hi - lo) // 2
+        reaches = jnp.sum(jnp.where(probs >= value(mid), probs, 0), -1, keepdims=True) >= top_p
         return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
-    smallest = jnp.min(jnp.where(probs > 0, probs, jnp.inf), -1, keepdims=True)
-    lo, _ = jax.lax.fori_loop(0, passes, step, (jnp.log(smallest), jnp.log(probs.max(-1, keepdims=True)) + 1.0))
-    return jnp.min(jnp.where(probs >= jnp.exp(lo), probs, jnp.inf), axis=-1, keepdims=True)
+    top = bits(probs.max(-1, keepdims=True)) + 1  # just above the largest probability: no mass
+    lo, _ = jax.lax.fori_loop(0, 31, step, (jnp.zeros_like(top), top))
+    return value(lo)
 
 
 def _inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 512) -> jax.Array:
     """[R] draws from probs [R, V] (rows of non-negative mass), one uniform u [R] in (0, 1]
-    each: the first token whose cumulative mass reaches u x the row's total. Two levels (blocks
-    of `block` tokens, then the tokens of the chosen block): a cumulative sum over the whole
-    vocabulary costs more than the model's step on CPU. Zero-probability tokens are never drawn."""
+    each: the first token of positive probability whose cumulative mass reaches u x the row's
+    total. Two levels (blocks of `block` tokens, then the tokens of the chosen block): a
+    cumulative sum over the whole vocabulary costs more than the model's step on CPU.
+    Zero-probability tokens are never drawn, even where float rounding makes a cumulative sum
+    step over them."""
     R, V = probs.shape
     blocks = jnp.pad(probs, ((0, 0), (0, -V % block))).reshape(R, -1, block)
-    upto = jnp.cumsum(blocks.sum(-1), -1)  # [R, n_blocks]
+    mass = blocks.sum(-1)  # [R, n_blocks]
+    upto = jnp.cumsum(mass, -1)
     target = u * upto[:, -1]  # in (0, total]
-    b = jnp.minimum(jnp.sum(upto < target[:, None], -1), upto.shape[1] - 1)  # first block reaching it
+    b = _first_reaching(upto, target, mass > 0)
     before = jnp.where(b > 0, jnp.take_along_axis(upto, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
     inner = jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0]  # [R, block]
-    last = jnp.max(jnp.arange(block) * (inner > 0), -1)  # rounding must not step past the last token drawn
-    i = jnp.minimum(jnp.sum(jnp.cumsum(inner, -1) < (target - before)[:, None], -1), last)
+    i = _first_reaching(jnp.cumsum(inner, -1), target - before, inner > 0)
     return (b * block + i).astype(jnp.int32)
+
+
+def _first_reaching(cumulative: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
+    """[R] the first index whose cumulative [R, n] reaches target [R] among those marked
+    positive [R, n]; the last positive one if rounding leaves none reaching it."""
+    reach = (cumulative >= target[:, None]) & positive
+    last = jnp.max(jnp.arange(positive.shape[1]) * positive, -1)
+    return jnp.where(reach.any(-1), jnp.argmax(reach, -1), last)
 
 
 def _constrain(mesh: Mesh | None, state: _State) -> _State:
