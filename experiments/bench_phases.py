@@ -105,23 +105,21 @@ def decode_phases(model, rows: int, slots: int, repeats: int) -> list[tuple]:
         token, cache = whole(p, cache, keys)
         return token
 
-    f32 = 4  # bytes: every phase reads its weights (and attention the cache) from memory once per step
-    proj_bytes = f32 * L * (d * (H + 2 * K) * h + H * h * d)
-    cache_bytes = f32 * 2 * L * R * S * K * h
-    mlp_bytes, unembed_bytes = f32 * L * 3 * d * F, f32 * V * d
+    # weights each phase reads once per step (float32); a product does 2 FLOPs per weight per row
+    proj_w, mlp_w, unembed_w = L * (d * (H + 2 * K) * h + H * h * d), L * 3 * d * F, V * d
+    cache_bytes = 4 * 2 * L * R * S * K * h
     phases = [
-        ("q/k/v/o projections", 2 * R * L * (d * (H + 2 * K) * h + H * h * d), _time(projections, blocks, x, repeats=repeats),
-         proj_bytes),
+        ("q/k/v/o projections", 2 * R * proj_w, _time(projections, blocks, x, repeats=repeats), 4 * proj_w),
         (f"attention over {S} slots", 4 * R * L * S * H * h, _time(attention, q, ck, cv, repeats=repeats), cache_bytes),
-        ("MLP", 2 * R * L * 3 * d * F, _time(mlps, blocks, x, repeats=repeats), mlp_bytes),
-        ("unembedding", 2 * R * d * V, _time(unembed, x, table, repeats=repeats), unembed_bytes),
+        ("MLP", 2 * R * mlp_w, _time(mlps, blocks, x, repeats=repeats), 4 * mlp_w),
+        ("unembedding", 2 * R * unembed_w, _time(unembed, x, table, repeats=repeats), 4 * unembed_w),
         ("top-p sampling", None, _time(sample, logits, keys, repeats=repeats)),
     ]
     t_whole = _time(step, repeats=repeats)
     flops = sum(f or 0 for _, f, *_ in phases)
     rest = max(t_whole - sum(row[2] for row in phases), 0.0)
     return phases + [("rest (norms, rope, cache writes, loop)", None, rest),
-                     ("whole decode step", flops, t_whole, proj_bytes + cache_bytes + mlp_bytes + unembed_bytes)]
+                     ("whole decode step", flops, t_whole, sum(row[3] for row in phases if len(row) > 3))]
 
 
 def train_phases(c, batch: int, seq: int, repeats: int) -> list[tuple[str, float | None, float]]:
